@@ -1,0 +1,1 @@
+"""The colocated vLLM engine: one loop, shared base weights, a live LoRA adapter."""

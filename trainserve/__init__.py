@@ -1,5 +1,36 @@
-"""trainserve: train LoRA adapters while a colocated vLLM engine serves the same base weights."""
-from trainserve.tiny import tiny_model
+"""trainserve: train LoRA adapters while a colocated vLLM engine serves the same base weights.
 
-__all__ = ["tiny_model"]
+``FastLanguageModel.from_pretrained(..., fast_inference=True)`` starts the process's vLLM engine
+and builds the training model around its tensors; ``model.fast_generate`` generates with the
+adapter as the trainer has it now. ``SamplingParams`` and ``LoRARequest`` are vLLM's own.
+"""
+
+from trainserve._env import apply_env_defaults
+
+apply_env_defaults()
+
+from trainserve.loader import FastLanguageModel  # noqa: E402
+from trainserve.tiny import tiny_model  # noqa: E402
+
+__all__ = ["FastLanguageModel", "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
 __version__ = "0.1.0"
+
+
+def shutdown_engine() -> None:
+    """Stop the process's vLLM engine (see :func:`trainserve.engine.launch.shutdown_engine`)."""
+    from trainserve.engine.launch import shutdown_engine as _shutdown
+
+    _shutdown()
+
+
+def __getattr__(name: str):
+    # vLLM is imported lazily: it is slow to import and not needed for fast_inference=False.
+    if name == "SamplingParams":
+        from vllm import SamplingParams
+
+        return SamplingParams
+    if name == "LoRARequest":
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest
+    raise AttributeError(f"module 'trainserve' has no attribute {name!r}")

@@ -1,0 +1,139 @@
+"""Start (or reuse) the process's one vLLM engine, configured for colocated training."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from trainserve._env import apply_env_defaults
+from trainserve.engine.loop import EngineLoop
+
+logger = logging.getLogger("trainserve")
+
+# vLLM sizes LoRA slots for one of these ranks; a requested max_lora_rank is rounded up.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Two slots, pinned, hold the live adapter (double-buffered: one may serve requests in flight
+# while the next version is written into the other). Ids far from those load_lora hands out.
+LIVE_LORA_IDS = (1_000_000_001, 1_000_000_002)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What identifies an engine: the same spec reuses the running engine."""
+
+    model_path: str
+    architecture: str
+    dtype: str
+    max_model_len: int
+    max_lora_rank: int
+    max_loras: int
+    gpu_memory_utilization: float
+    quantization: str | None
+    seed: int
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    kv_cache_dtype: str = "auto"
+
+
+class Engine:
+    """A started vLLM ``LLM`` with its loop; created by :func:`start_engine`."""
+
+    def __init__(self, spec: EngineSpec, llm: Any, start_seconds: float):
+        from trainserve.engine import vllm_compat
+
+        self.spec = spec
+        self.llm = llm
+        self.loop = EngineLoop(llm)
+        self.start_seconds = start_seconds
+        self.model = vllm_compat.engine_model(llm)
+        self.live_owner: object | None = None  # the LiveAdapter that holds the live slots
+        self.adapters: Any = None  # the AdapterRegistry: saved-adapter ids are unique per engine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm.get_tokenizer()
+
+    def lora_manager(self) -> Any:
+        from trainserve.engine import vllm_compat
+
+        return vllm_compat.lora_model_manager(self.llm)
+
+
+_CURRENT: Engine | None = None
+
+
+def current_engine() -> Engine | None:
+    """The engine of this process, if one is running."""
+    return _CURRENT
+
+
+def round_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM can allocate slots for that is ≥ ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"max_lora_rank={rank} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+
+
+def start_engine(spec: EngineSpec) -> Engine:
+    """Start the engine for ``spec``, or return the running one if its spec is the same.
+
+    One engine per process: a different spec while one runs raises; call
+    :func:`shutdown_engine` first.
+    """
+    global _CURRENT
+    if _CURRENT is not None:
+        if _CURRENT.spec == spec:
+            return _CURRENT
+        diff = {k: (v, asdict(spec)[k]) for k, v in asdict(_CURRENT.spec).items() if asdict(spec)[k] != v}
+        raise RuntimeError(
+            "trainserve runs one vLLM engine per process and one is already running with other "
+            f"settings {diff} (running, requested). Call trainserve.shutdown_engine() first."
+        )
+    apply_env_defaults()
+    from vllm import LLM
+
+    from trainserve.engine import vllm_compat
+
+    arch = vllm_compat.register_shared_weight_architecture(spec.architecture)
+    kwargs: dict[str, Any] = dict(
+        model=spec.model_path,
+        tokenizer=spec.model_path,
+        dtype=spec.dtype,
+        max_model_len=spec.max_model_len,
+        enable_lora=True,
+        max_lora_rank=spec.max_lora_rank,
+        max_loras=spec.max_loras + len(LIVE_LORA_IDS),
+        max_cpu_loras=max(16, spec.max_loras + len(LIVE_LORA_IDS)),
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        seed=spec.seed,
+        enable_prefix_caching=spec.enable_prefix_caching,
+        enforce_eager=spec.enforce_eager,
+        hf_overrides={"architectures": [arch]},
+        kv_cache_dtype=spec.kv_cache_dtype,
+    )
+    if spec.quantization:
+        kwargs["quantization"] = spec.quantization
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    _CURRENT = Engine(spec, llm, time.perf_counter() - t0)
+    logger.info("vLLM engine started in %.1f s", _CURRENT.start_seconds)
+    return _CURRENT
+
+
+def shutdown_engine() -> None:
+    """Stop this process's engine and free its memory (models built on it stop working)."""
+    global _CURRENT
+    if _CURRENT is None:
+        return
+    engine, _CURRENT = _CURRENT, None
+    engine.loop.stop_background(drain=False)
+    try:
+        engine.llm.llm_engine.engine_core.shutdown()
+    except Exception:  # best effort: the objects are dropped below either way
+        logger.debug("engine shutdown raised", exc_info=True)
+    del engine
+    gc.collect()

@@ -1,0 +1,258 @@
+"""The live adapter: the trainer's PEFT LoRA weights, copied into the engine's LoRA slots in memory.
+
+Two pinned engine slots (``LIVE_LORA_IDS``) are used as a double buffer. A new version is always
+written into the slot that no unfinished request uses, between engine steps, so a generation in
+flight never sees half an update and finishes on the version it started with. Each version is
+sent to vLLM under its own LoRA *name* (``live@v<N>``), which is part of vLLM's prefix-cache key:
+KV computed with an older version is never reused for a newer one.
+
+Change detection is free: an optimizer step updates parameters in place, which bumps each
+tensor's version counter; ``(tensor._version, data_ptr)`` of every LoRA parameter is the marker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainserve.engine import vllm_compat
+from trainserve.engine.launch import LIVE_LORA_IDS, Engine
+
+# transformers module name → (engine fused module name, sub-projection index)
+HF_TO_ENGINE = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+}
+
+
+class LiveAdapterRevoked(RuntimeError):
+    """A newer model claimed the engine's live adapter slots."""
+
+
+@dataclass
+class _Target:
+    lora_a: torch.nn.Parameter  # (r, in)
+    lora_b: torch.nn.Parameter  # (out, r)
+    scaling: float
+    engine_layer: torch.nn.Module
+    sub: int
+
+
+@dataclass
+class _Snapshot:
+    version: int
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]  # (A, B·scaling) per target
+
+
+class LiveAdapter:
+    """Keeps the engine's live LoRA slots equal to a PEFT model's active adapter."""
+
+    def __init__(self, engine: Engine, peft_model: Any):
+        self.engine = engine
+        self.peft_model = peft_model
+        self.adapter_name: str = peft_model.active_adapter
+        self._targets = self._collect_targets()
+        if not self._targets:
+            raise ValueError("the PEFT model has no LoRA layers that the engine can serve")
+        self._dir = tempfile.mkdtemp(prefix="trainserve-live-")
+        self._lock = threading.Lock()
+        self.version = 0  # trainer-side version, bumped on every detected change
+        self._marker: tuple | None = None
+        self._staged: _Snapshot | None = None
+        self._slot_version = {lora_id: -1 for lora_id in LIVE_LORA_IDS}
+        self._applied: tuple[int, int] | None = None  # (version, lora id) now served
+        self.last_update_ms = 0.0
+        self.updates = 0
+        self._register_slots()
+
+    # ----------------------------------------------------------- set-up
+    def _collect_targets(self) -> list[_Target]:
+        from peft.tuners.lora import LoraLayer
+
+        engine_modules = dict(vllm_compat.lora_layers(self.engine.model))
+        targets = []
+        for name, module in self.peft_model.named_modules():
+            if not isinstance(module, LoraLayer) or self.adapter_name not in module.lora_A:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            if leaf not in HF_TO_ENGINE:
+                raise ValueError(f"LoRA on {leaf!r} cannot be served by the engine (supported: {sorted(HF_TO_ENGINE)})")
+            engine_leaf, sub = HF_TO_ENGINE[leaf]
+            # "base_model.model.model.layers.3.self_attn" → "model.layers.3.self_attn"
+            key = f"{parent[parent.index('model.layers.'):]}.{engine_leaf}"
+            if key not in engine_modules:
+                raise vllm_compat.VLLMInternalsChanged(f"engine has no LoRA layer {key}")
+            targets.append(
+                _Target(
+                    lora_a=module.lora_A[self.adapter_name].weight,
+                    lora_b=module.lora_B[self.adapter_name].weight,
+                    scaling=float(module.scaling[self.adapter_name]),
+                    engine_layer=engine_modules[key],
+                    sub=sub,
+                )
+            )
+        return targets
+
+    def _register_slots(self) -> None:
+        from vllm.lora.request import LoRARequest
+
+        previous = self.engine.live_owner
+        if previous is not None and previous is not self:
+            previous.revoke()
+        self.engine.live_owner = self
+        self.peft_model.save_pretrained(self._dir, selected_adapters=[self.adapter_name])
+        path = self._adapter_path()
+        engine = self.engine.llm.llm_engine
+
+        def register() -> None:
+            for k, lora_id in enumerate(LIVE_LORA_IDS):
+                if lora_id in engine.list_loras():
+                    engine.remove_lora(lora_id)
+                engine.add_lora(LoRARequest(f"live-slot{k}", lora_id, path))
+                engine.pin_lora(lora_id)
+
+        self.engine.loop.call(register)
+
+    def _adapter_path(self) -> str:
+        import os
+
+        sub = os.path.join(self._dir, self.adapter_name)
+        return sub if self.adapter_name != "default" and os.path.isdir(sub) else self._dir
+
+    def revoke(self) -> None:
+        """Called when another model takes over the engine's live slots."""
+        self._targets = []
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # ------------------------------------------------------- change tracking
+    def _current_marker(self) -> tuple:
+        return tuple((t.lora_a._version, t.lora_a.data_ptr(), t.lora_b._version, t.lora_b.data_ptr())
+                     for t in self._targets)
+
+    def _check_owner(self) -> None:
+        if not self._targets or self.engine.live_owner is not self:
+            raise LiveAdapterRevoked(
+                "this model's live adapter was replaced by a newer get_peft_model() on the same engine"
+            )
+
+    def _detect_change(self) -> bool:
+        marker = self._current_marker()
+        if marker != self._marker:
+            self._marker = marker
+            self.version += 1
+            return True
+        return False
+
+    def publish(self) -> int:
+        """Training thread: stage a snapshot of the adapter if it changed; return its version.
+
+        Use when other threads (the HTTP server) generate with the live adapter while this
+        thread trains: the snapshot is taken here, between optimizer steps, and applied by the
+        engine loop between engine steps.
+        """
+        self._check_owner()
+        with self._lock:
+            if self._detect_change() or self._staged is None:
+                with torch.no_grad():
+                    tensors = [(t.lora_a.detach().clone(), t.lora_b.detach() * t.scaling) for t in self._targets]
+                self._staged = _Snapshot(self.version, tensors)
+            return self._staged.version
+
+    # ------------------------------------------------------------ applying
+    def _free_slot(self) -> int | None:
+        in_use = self.engine.loop.in_use_lora_ids()
+        current = self._applied[1] if self._applied else None
+        for lora_id in LIVE_LORA_IDS:
+            if lora_id != current and lora_id not in in_use:
+                return lora_id
+        return None
+
+    def _write(self, lora_id: int, tensors: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """Copy A and B·scaling into the slot of ``lora_id``. Runs between engine steps."""
+        import time
+
+        t0 = time.perf_counter()
+        manager = self.engine.lora_manager()
+        slot = vllm_compat.lora_slot(manager, lora_id)
+        if slot is None:
+            raise vllm_compat.VLLMInternalsChanged(f"pinned live LoRA {lora_id} is not in any engine slot")
+        with torch.no_grad():
+            for i, target in enumerate(self._targets):
+                a_slot, b_slot = vllm_compat.slot_tensors(target.engine_layer, slot, target.sub)
+                if tensors is None:
+                    a, b = target.lora_a, target.lora_b * target.scaling
+                else:
+                    a, b = tensors[i]
+                r = a.shape[0]
+                if r > a_slot.shape[0]:
+                    raise ValueError(f"LoRA rank {r} exceeds the engine's max_lora_rank {a_slot.shape[0]}")
+                a_slot[:r].copy_(a, non_blocking=True)
+                b_slot[:, :r].copy_(b, non_blocking=True)
+        if torch.cuda.is_available() and a_slot.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        self.last_update_ms = (time.perf_counter() - t0) * 1e3
+        self.updates += 1
+
+    def _lora_request(self) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        assert self._applied is not None
+        version, lora_id = self._applied
+        return LoRARequest(f"live@v{version}", lora_id, self._adapter_path())
+
+    def sync_request(self) -> Any:
+        """Training thread, between steps: make the engine's live slot equal the trainer's adapter
+        *now* and return the ``LoRARequest`` that generates with it."""
+        self._check_owner()
+
+        def sync() -> Any:
+            with self._lock:
+                changed = self._detect_change()
+                if changed or self._applied is None or self._applied[0] != self.version:
+                    lora_id = self._free_slot()
+                    if lora_id is None:  # both buffers busy with requests in flight: stage instead
+                        with torch.no_grad():
+                            snap = [(t.lora_a.detach().clone(), t.lora_b.detach() * t.scaling)
+                                    for t in self._targets]
+                        self._staged = _Snapshot(self.version, snap)
+                        return self._lora_request()
+                    self._write(lora_id, None)
+                    self._applied = (self.version, lora_id)
+                    self._slot_version[lora_id] = self.version
+                return self._lora_request()
+
+        return self.engine.loop.call(sync)
+
+    def published_request(self) -> Any:
+        """Any thread: the request for the newest *published* version (see :meth:`publish`)."""
+        self._check_owner()
+
+        def apply() -> Any:
+            with self._lock:
+                staged = self._staged
+                if staged is not None and (self._applied is None or staged.version > self._applied[0]):
+                    lora_id = self._free_slot()
+                    if lora_id is not None:
+                        self._write(lora_id, staged.tensors)
+                        self._applied = (staged.version, lora_id)
+                        self._slot_version[lora_id] = staged.version
+                if self._applied is None:
+                    raise RuntimeError("no live adapter version has been published yet")
+                return self._lora_request()
+
+        return self.engine.loop.call(apply)
+
+    @property
+    def served_version(self) -> int | None:
+        """The version the next live request would use (None before the first sync)."""
+        return self._applied[0] if self._applied else None

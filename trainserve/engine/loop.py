@@ -1,0 +1,249 @@
+"""The one loop that drives the process's vLLM engine.
+
+Threading model
+---------------
+vLLM's ``LLMEngine`` is not thread-safe, so exactly one thread at a time *steps* it: whoever
+holds ``EngineLoop._lock``. Everything that touches the engine (adding or aborting requests,
+adapter writes into LoRA slots, adding LoRAs) runs as a *between-steps* job through
+:meth:`EngineLoop.call`, so it can never interleave with a forward pass.
+
+* Synchronous mode (the default; ``fast_generate`` in a training script): the calling thread
+  takes the lock, runs pending jobs and steps the engine until its requests finish.
+* Background mode (:meth:`start_background`, used by the HTTP server): a daemon thread owns the
+  stepping; other threads submit jobs and wait on their futures or request streams. Requests
+  from every thread are batched together by vLLM (continuous batching).
+
+Outputs are routed to :class:`RequestStream` objects by request id, whatever thread stepped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class RequestStream:
+    """The outputs of one submitted request, filled in by the stepping thread."""
+
+    def __init__(self, request_id: str, lora_int_id: int, on_output: Callable[[Any], None] | None):
+        self.request_id = request_id
+        self.lora_int_id = lora_int_id
+        self.on_output = on_output
+        self.final: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def _deliver(self, output: Any) -> None:
+        if self.on_output is not None:
+            self.on_output(output)
+        if output.finished:
+            self.final = output
+            self.done.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        if self.on_output is not None:
+            self.on_output(error)
+        self.done.set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The finished ``RequestOutput`` (raises what the engine raised for this request)."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.final
+
+
+class EngineLoop:
+    """Serialises all access to one in-process vLLM ``LLM`` and routes its outputs."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self._lock = threading.RLock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.steps = 0
+        self.fatal: BaseException | None = None
+
+    # ------------------------------------------------------------------ jobs
+    @property
+    def background(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn()`` between engine steps and return its result (re-raising its exception)."""
+        if self.background and threading.current_thread() is not self._thread:
+            future: Future = Future()
+            self._jobs.put((fn, future))
+            self._wake.set()
+            return future.result(timeout)
+        with self._lock:
+            self._run_jobs()
+            return fn()
+
+    def _run_jobs(self) -> None:
+        while True:
+            try:
+                fn, future = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the waiting caller
+                future.set_exception(exc)
+
+    # -------------------------------------------------------------- requests
+    def submit(
+        self,
+        prompt: Any,
+        params: Any,
+        lora_request: Any = None,
+        on_output: Callable[[Any], None] | None = None,
+    ) -> RequestStream:
+        """Queue one request; its outputs go to the returned stream (and ``on_output``)."""
+        request_id = f"ts-{next(self._ids)}"
+        lora_id = lora_request.lora_int_id if lora_request is not None else 0
+        stream = RequestStream(request_id, lora_id, on_output)
+
+        def add() -> None:
+            self._streams[request_id] = stream
+            try:
+                self.engine.add_request(request_id, prompt, params, lora_request=lora_request)
+            except BaseException:
+                self._streams.pop(request_id, None)
+                raise
+
+        self.call(add)
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its stream is finished with a ``RequestAborted`` error."""
+
+        def do_abort() -> None:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self.engine.abort_request([request_id])
+                stream._fail(RequestAborted(request_id))
+
+        self.call(do_abort)
+
+    def in_use_lora_ids(self) -> set[int]:
+        """LoRA ids referenced by requests that have not finished (call between steps)."""
+        return {s.lora_int_id for s in self._streams.values()}
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def generate(
+        self,
+        prompts: Sequence[Any],
+        params: Any | Sequence[Any],
+        lora_request: Any = None,
+        use_tqdm: bool = False,
+    ) -> list[Any]:
+        """Submit every prompt, drive the engine until all finish, return outputs in order."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        streams: list[RequestStream] = []
+        try:
+            for prompt, p in zip(prompts, params_list, strict=True):
+                streams.append(self.submit(prompt, p, lora_request))
+        except BaseException:
+            for s in streams:
+                self.abort(s.request_id)
+            raise
+        bar = tqdm(total=len(streams), desc="fast_generate", disable=not use_tqdm, leave=False)
+        pending = list(streams)
+        while pending:
+            if self.background:
+                pending[0].done.wait(0.5)
+            else:
+                with self._lock:
+                    self._pump_once()
+            still = [s for s in pending if not s.done.is_set()]
+            bar.update(len(pending) - len(still))
+            pending = still
+            if self.fatal is not None and pending:
+                raise RuntimeError("the engine loop stopped") from self.fatal
+        bar.close()
+        return [s.result() for s in streams]
+
+    # ---------------------------------------------------------------- stepping
+    def _pump_once(self) -> bool:
+        """Run pending jobs, then one engine step if there is work. Caller holds the lock."""
+        self._run_jobs()
+        if not self.engine.has_unfinished_requests():
+            return False
+        outputs = self.engine.step()
+        self.steps += 1
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream._deliver(output)
+        return True
+
+    def start_background(self) -> None:
+        """Hand stepping to a daemon thread (idempotent)."""
+        if self.background:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="trainserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop_background(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop the stepping thread; with ``drain`` first let running requests finish."""
+        if not self.background:
+            return
+        if drain:
+            waiting = list(self._streams.values())
+            for s in waiting:
+                s.done.wait(timeout)
+        self._stop.set()
+        self._wake.set()
+        assert self._thread is not None
+        self._thread.join(timeout)
+        self._thread = None
+        self._run_jobs_locked()
+
+    def _run_jobs_locked(self) -> None:
+        with self._lock:
+            self._run_jobs()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                with self._lock:
+                    busy = self._pump_once()
+            except BaseException as exc:  # the engine itself failed: fail every waiter, stop
+                self.fatal = exc
+                for stream in list(self._streams.values()):
+                    stream._fail(exc)
+                self._streams.clear()
+                return
+            if not busy:
+                self._wake.wait(0.05)
+
+
+class RequestAborted(RuntimeError):
+    """The request was aborted before it finished."""

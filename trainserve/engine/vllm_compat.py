@@ -1,0 +1,139 @@
+"""Everything trainserve touches inside vLLM that is not public API, in one place.
+
+Public vLLM API (``LLM``, ``LLMEngine.add_request/step/add_lora/pin_lora``, ``LoRARequest``,
+``SamplingParams``, ``ModelRegistry``) is used elsewhere. This module holds the rest:
+
+* the registered subclass that keeps CPU linear weights in their plain layout (vLLM repacks
+  them for oneDNN otherwise, leaving ``layer.weight`` empty, and there would be nothing to share);
+* the path from an in-process ``LLM`` to its worker's LoRA model manager and slot table;
+* the layout of the per-layer LoRA slot tensors (``lora_a_stacked``/``lora_b_stacked``).
+
+``tests/test_vllm_compat.py`` checks each of these against the installed vLLM and fails with
+:class:`VLLMInternalsChanged` naming what moved.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class VLLMInternalsChanged(RuntimeError):
+    """The installed vLLM no longer has an internal that trainserve relies on."""
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def _fail(what: str) -> VLLMInternalsChanged:
+    return VLLMInternalsChanged(
+        f"vLLM {_vllm_version()}: {what}. trainserve.engine.vllm_compat must be updated for this release."
+    )
+
+
+_ENGINE_CLASSES = {
+    "Qwen2ForCausalLM": "vllm.model_executor.models.qwen2:Qwen2ForCausalLM",
+    "LlamaForCausalLM": "vllm.model_executor.models.llama:LlamaForCausalLM",
+}
+
+
+def register_shared_weight_architecture(architecture: str) -> str:
+    """Register ``Trainserve<architecture>`` with vLLM and return its name.
+
+    The subclass marks every linear layer with ``_cpu_skip_gemm_dispatch`` so that on CPU vLLM
+    keeps ``layer.weight`` as a plain ``(out, in)`` tensor the trainer can view (on GPU the flag
+    is never read). Registering is idempotent.
+    """
+    from vllm import ModelRegistry
+    from vllm.model_executor.layers.linear import LinearBase
+
+    name = f"Trainserve{architecture}"
+    if name in ModelRegistry.get_supported_archs():
+        return name
+    if architecture not in _ENGINE_CLASSES:
+        raise NotImplementedError(f"no shared-weight engine class for architecture {architecture!r}")
+    module_name, class_name = _ENGINE_CLASSES[architecture].split(":")
+    try:
+        base_cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise _fail(f"{_ENGINE_CLASSES[architecture]} is gone") from exc
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        for module in self.modules():
+            if isinstance(module, LinearBase):
+                module._cpu_skip_gemm_dispatch = True
+
+    subclass = type(name, (base_cls,), {"__init__": __init__, "__module__": __name__})
+    ModelRegistry.register_model(name, subclass)
+    return name
+
+
+def engine_model(llm: Any) -> nn.Module:
+    """The engine's ``torch.nn.Module`` (in-process engine only)."""
+    models = llm.apply_model(lambda m: m)
+    if not models or not isinstance(models[0], nn.Module):
+        raise _fail("LLM.apply_model did not return the in-process model")
+    return models[0]
+
+
+def _driver_worker(llm: Any) -> Any:
+    executor = getattr(llm.llm_engine, "model_executor", None)
+    worker = getattr(executor, "driver_worker", None)
+    if worker is None:
+        raise _fail("llm.llm_engine.model_executor.driver_worker is missing (is the engine in-process?)")
+    return getattr(worker, "worker", worker)  # WorkerWrapperBase wraps the real worker
+
+
+def lora_model_manager(llm: Any) -> Any:
+    """The worker's ``LoRAModelManager`` (owner of the slot table ``lora_index_to_id``)."""
+    runner = getattr(_driver_worker(llm), "model_runner", None)
+    worker_manager = getattr(runner, "lora_manager", None)
+    if worker_manager is None:
+        raise _fail("the model runner has no lora_manager (was the engine started with enable_lora=True?)")
+    manager = getattr(worker_manager, "_adapter_manager", None)
+    if manager is None or not hasattr(manager, "lora_index_to_id"):
+        raise _fail("lora_manager._adapter_manager.lora_index_to_id is missing")
+    return manager
+
+
+def lora_slot(manager: Any, lora_int_id: int) -> int | None:
+    """The slot index that holds adapter ``lora_int_id``, or None when it is not active."""
+    try:
+        return manager.lora_index_to_id.index(lora_int_id)
+    except ValueError:
+        return None
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for every LoRA-wrapped layer; names as in the engine (fused)."""
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_a_stacked") and hasattr(module, "lora_b_stacked"):
+            yield name, module
+
+
+def unwrap_lora_layer(module: nn.Module) -> nn.Module:
+    """The plain linear layer inside a ``...WithLoRA`` wrapper (or the module itself)."""
+    return getattr(module, "base_layer", module)
+
+
+def slot_tensors(layer: nn.Module, slot: int, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``(A, B)`` of one slot of one sub-projection: A is ``(max_rank, in)``, B ``(out, max_rank)``.
+
+    ``sub`` indexes the fused sub-projections (q, k, v for ``qkv_proj``; gate, up for
+    ``gate_up_proj``; 0 otherwise).
+    """
+    a_stacked, b_stacked = layer.lora_a_stacked, layer.lora_b_stacked
+    if not isinstance(a_stacked, (tuple, list)) or sub >= len(a_stacked):
+        raise _fail(f"{type(layer).__name__}.lora_a_stacked is not a tuple with sub-projection {sub}")
+    a, b = a_stacked[sub], b_stacked[sub]
+    if a.ndim != 4 or b.ndim != 4:
+        raise _fail(f"lora stacked tensors are {a.ndim}-d/{b.ndim}-d, expected (slots, 1, rank, in)")
+    return a[slot, 0], b[slot, 0]

@@ -1,0 +1,124 @@
+"""Methods trainserve attaches to a model: ``fast_generate``, ``save_lora``, ``load_lora``.
+
+They read the model's :class:`ModelState` (``model._trainserve``), which links the transformers
+model to the engine, the live adapter and the saved-adapter registry.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainserve.adapters import AdapterRegistry
+
+
+@dataclass
+class ModelState:
+    """What a trainserve model knows about its engine (absent when ``fast_inference=False``)."""
+
+    engine: Any
+    config: Any
+    registry: AdapterRegistry
+    tokenizer: Any
+    max_lora_rank: int = 0  # as the user asked (the engine's slots may be larger)
+    live: Any = None  # LiveAdapter once get_peft_model ran
+    peft_model: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def state_of(model: Any) -> ModelState | None:
+    """The :class:`ModelState` of a trainserve model (through a PEFT wrapper too)."""
+    for candidate in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+        state = getattr(candidate, "__dict__", {}).get("_trainserve")
+        if state is not None:
+            return state
+    return None
+
+
+def _normalise_prompts(prompts: Any) -> list[Any]:
+    from vllm.inputs import TokensPrompt
+
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [TokensPrompt(prompt_token_ids=list(prompts))]
+        out = []
+        for p in prompts:
+            if isinstance(p, (list, tuple)):
+                if not all(isinstance(t, int) for t in p):
+                    raise TypeError("token-id prompts must be lists of ints")
+                out.append(TokensPrompt(prompt_token_ids=list(p)))
+            elif isinstance(p, (str, dict)):
+                out.append(p)
+            else:
+                raise TypeError(f"unsupported prompt type {type(p).__name__}")
+        return out
+    raise TypeError(f"prompts must be a str, a list of str, or token ids; got {type(prompts).__name__}")
+
+
+def _adapter_enabled(peft_model: Any) -> bool:
+    """False inside ``with model.disable_adapter():`` or when the adapter is merged into the base."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            return not module.disable_adapters and not module.merged
+    return False
+
+
+def fast_generate(self: Any, prompts: Any, sampling_params: Any = None, lora_request: Any = None,
+                  use_tqdm: bool = False, **kwargs: Any) -> list[Any]:
+    """Generate with the colocated engine; returns vLLM ``RequestOutput``s.
+
+    Without ``lora_request`` the adapter is used *exactly as the trainer has it now* (the last
+    optimizer step, in memory, no disk); inside ``with model.disable_adapter():`` the base model
+    is used. Prompts may be a str, a list of str, token ids or a list of token-id lists.
+    """
+    if kwargs:
+        raise TypeError(f"fast_generate got unexpected arguments {sorted(kwargs)}")
+    state = state_of(self)
+    if state is None:
+        raise RuntimeError("fast_generate needs FastLanguageModel.from_pretrained(..., fast_inference=True)")
+    from vllm import SamplingParams
+
+    params = sampling_params if sampling_params is not None else SamplingParams()
+    batch = _normalise_prompts(prompts)
+    if lora_request is None and state.live is not None and _adapter_enabled(state.peft_model):
+        lora_request = state.live.sync_request()
+    return state.engine.loop.generate(batch, params, lora_request=lora_request, use_tqdm=use_tqdm)
+
+
+def save_lora(self: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """Save the active adapter as a PEFT directory (``adapter_config.json`` + safetensors)."""
+    state = state_of(self)
+    peft_model = state.peft_model if state is not None and state.peft_model is not None else self
+    if not hasattr(peft_model, "peft_config"):
+        raise RuntimeError("save_lora needs a model from FastLanguageModel.get_peft_model")
+    peft_model.save_pretrained(str(save_directory), safe_serialization=True, **kwargs)
+    if state is not None and state.tokenizer is not None:
+        state.tokenizer.save_pretrained(str(save_directory))
+
+
+def load_lora(self: Any, save_directory: str | os.PathLike, load_tensors: bool = False, name: str | None = None) -> Any:
+    """Validate a saved adapter, register it with the engine, and return its vLLM ``LoRARequest``.
+
+    The same content always maps to the same request; saving new weights to the same directory
+    gives a new request (so the engine never serves a stale cached copy).
+    """
+    if load_tensors:
+        raise NotImplementedError("load_lora(load_tensors=True) is not supported; adapters load from disk")
+    state = state_of(self)
+    if state is None:
+        raise RuntimeError("load_lora needs FastLanguageModel.from_pretrained(..., fast_inference=True)")
+    return state.registry.load(save_directory, name=name)
+
+
+def attach_api(model: Any, fast: bool) -> None:
+    """Bind the trainserve methods onto ``model`` (a transformers or PEFT model)."""
+    if fast:
+        model.fast_generate = types.MethodType(fast_generate, model)
+        model.load_lora = types.MethodType(load_lora, model)
+    model.save_lora = types.MethodType(save_lora, model)

@@ -1,0 +1,1 @@
+"""Reinforcement learning (GRPO) with rollouts from the colocated engine."""

@@ -116,9 +116,18 @@ def load_lora(self: Any, save_directory: str | os.PathLike, load_tensors: bool =
     return state.registry.load(save_directory, name=name)
 
 
+def serve(self: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          background: bool = True, **kwargs: Any) -> Any:
+    """Serve this model's colocated engine over the OpenAI HTTP API (``live`` = the training adapter)."""
+    from trainserve.server.embed import serve_model
+
+    return serve_model(self, host=host, port=port, api_key=api_key, background=background, **kwargs)
+
+
 def attach_api(model: Any, fast: bool) -> None:
     """Bind the trainserve methods onto ``model`` (a transformers or PEFT model)."""
     if fast:
         model.fast_generate = types.MethodType(fast_generate, model)
         model.load_lora = types.MethodType(load_lora, model)
+        model.serve = types.MethodType(serve, model)
     model.save_lora = types.MethodType(save_lora, model)

@@ -130,8 +130,9 @@ class FastLanguageModel:
                 raise ValueError("Qwen2 does not support rope_scaling; leave it None")
             config.rope_scaling = rope_scaling
         if max_seq_length > config.max_position_embeddings and rope_scaling is None:
-            raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
-                             f"{config.max_position_embeddings}")
+            warnings.warn(f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
+                          f"{config.max_position_embeddings}; using {config.max_position_embeddings}", stacklevel=2)
+            max_seq_length = config.max_position_embeddings
         torch_dtype = _resolve_dtype(dtype, cuda)
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, revision=revision,
                                                   trust_remote_code=trust_remote_code)

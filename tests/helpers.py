@@ -1,0 +1,48 @@
+"""Small training helpers shared by the engine tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sft_batch(tokenizer, prompt: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and labels that teach ``prompt`` → ``target`` + EOS (prompt tokens masked)."""
+    p_ids = tokenizer(prompt).input_ids
+    t_ids = tokenizer(target).input_ids + [tokenizer.eos_token_id]
+    ids = torch.tensor([p_ids + t_ids])
+    labels = torch.tensor([[-100] * len(p_ids) + t_ids])
+    return ids, labels
+
+
+def sft(model, tokenizer, prompt: str, target: str, steps: int = 30, lr: float = 3e-3, optimizer=None):
+    """Train the adapter on one pair; returns (optimizer, final loss)."""
+    ids, labels = sft_batch(tokenizer, prompt, target)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer or torch.optim.AdamW(params, lr=lr)
+    model.train()
+    loss = None
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt, float(loss.detach())
+
+
+def greedy(n: int = 12):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def engine_tokens(model, prompt, n: int = 12, **kwargs) -> list[int]:
+    return list(model.fast_generate([prompt], sampling_params=greedy(n), **kwargs)[0].outputs[0].token_ids)
+
+
+def hf_tokens(model, tokenizer, prompt: str, n: int = 12) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()

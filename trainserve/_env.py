@@ -22,11 +22,15 @@ def apply_env_defaults() -> None:
     """Set trainserve's defaults for variables the user has not set."""
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
-    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+def require_inprocess_engine() -> None:
+    """Raise unless vLLM will run its engine core in this process (colocation needs it)."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
         raise RuntimeError(
             "trainserve needs the vLLM engine in-process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0"
         )
-    os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 def cuda_available() -> bool:

@@ -24,11 +24,9 @@ _DEFAULT_ONLY = {
 _4BIT_WARNED = False
 
 
-def _fast_model_class(model_type: str) -> Any | None:
-    try:
-        from trainserve.fast_llama import get_fast_model_class
-    except ImportError:
-        return None
+def _fast_model_class(model_type: str) -> Any:
+    from trainserve.fast_llama import get_fast_model_class
+
     return get_fast_model_class(model_type)
 
 
@@ -85,6 +83,7 @@ class FastLanguageModel:
         max_lora_rank: int = 64,
         max_loras: int = 4,
         disable_log_stats: bool = True,
+        standby: bool = True,
         **kwargs: Any,
     ) -> tuple[Any, Any]:
         """Return ``(model, tokenizer)``. With ``fast_inference=True`` a colocated vLLM engine owns the
@@ -104,8 +103,6 @@ class FastLanguageModel:
                               stacklevel=2)
                 _4BIT_WARNED = True
             load_in_4bit = False
-        if load_in_4bit:
-            raise NotImplementedError("4-bit loading on CUDA is not in this release yet (see issue 5)")
         if full_finetuning and fast_inference:
             raise NotImplementedError("full_finetuning=True with fast_inference=True is not supported")
         if float8_kv_cache and not cuda:
@@ -124,8 +121,7 @@ class FastLanguageModel:
             raise NotImplementedError(f"model_type {model_type!r} is not supported (supported: {sorted(ARCHITECTURES)})")
         fast_cls = _fast_model_class(model_type)
         if rope_scaling is not None:
-            if fast_cls is not None and hasattr(fast_cls, "validate_config"):
-                fast_cls.validate_config(config, rope_scaling=rope_scaling)
+            fast_cls.validate_config(config, rope_scaling=rope_scaling)
             if model_type == "qwen2":
                 raise ValueError("Qwen2 does not support rope_scaling; leave it None")
             config.rope_scaling = rope_scaling
@@ -142,19 +138,26 @@ class FastLanguageModel:
 
         if fast_inference:
             model = _load_colocated(model_name, config, torch_dtype, max_seq_length, max_lora_rank, max_loras,
-                                    gpu_memory_utilization, random_state, float8_kv_cache, tokenizer)
+                                    gpu_memory_utilization, random_state, float8_kv_cache, tokenizer,
+                                    load_in_4bit=load_in_4bit, standby=cuda and standby)
         else:
             from transformers import AutoModelForCausalLM
 
+            quant = None
+            if load_in_4bit:
+                from transformers import BitsAndBytesConfig
+
+                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_use_double_quant=True)
             model = AutoModelForCausalLM.from_pretrained(
                 model_name, config=config, dtype=torch_dtype, token=token, revision=revision,
-                trust_remote_code=trust_remote_code, device_map="cuda" if cuda else None)
+                trust_remote_code=trust_remote_code, device_map="cuda" if cuda else None,
+                quantization_config=quant)
             if not full_finetuning:
                 model.requires_grad_(False)
         model.max_seq_length = max_seq_length
         model.__dict__["_trainserve_gc"] = use_gradient_checkpointing
-        if fast_cls is not None and hasattr(fast_cls, "patch_model"):
-            fast_cls.patch_model(model, use_gradient_checkpointing=False)
+        fast_cls.patch_model(model, use_gradient_checkpointing=False)
         model_api.attach_api(model, fast=fast_inference)
         return model, tokenizer
 
@@ -244,18 +247,12 @@ def _setup_gradient_checkpointing(peft_model: Any, mode: Any) -> None:
     if mode not in (True, False, "unsloth"):
         raise ValueError(f"use_gradient_checkpointing must be True, False or 'unsloth', got {mode!r}")
     base = peft_model.get_base_model()
-    fast_cls = _fast_model_class(base.config.model_type)
-    if fast_cls is not None and hasattr(fast_cls, "patch_model"):
-        fast_cls.patch_model(base, use_gradient_checkpointing=mode)
-        return
-    if mode:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+    _fast_model_class(base.config.model_type).patch_model(base, use_gradient_checkpointing=mode)
 
 
 def _load_colocated(model_name: str, config: Any, dtype: torch.dtype, max_seq_length: int, max_lora_rank: int,
                     max_loras: int, gpu_memory_utilization: float, seed: int, float8_kv_cache: bool,
-                    tokenizer: Any) -> Any:
+                    tokenizer: Any, load_in_4bit: bool = False, standby: bool = False) -> Any:
     from trainserve.engine.launch import EngineSpec, round_lora_rank, start_engine
     from trainserve.weights import build_shared_model
 
@@ -267,9 +264,10 @@ def _load_colocated(model_name: str, config: Any, dtype: torch.dtype, max_seq_le
         max_lora_rank=round_lora_rank(max_lora_rank),
         max_loras=max_loras,
         gpu_memory_utilization=gpu_memory_utilization,
-        quantization=None,
+        quantization="bitsandbytes" if load_in_4bit else None,
         seed=seed,
         kv_cache_dtype="fp8" if float8_kv_cache else "auto",
+        enable_sleep_mode=standby,
     )
     engine = start_engine(spec)
     if engine.adapters is None:

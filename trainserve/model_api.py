@@ -88,7 +88,12 @@ def fast_generate(self: Any, prompts: Any, sampling_params: Any = None, lora_req
     batch = _normalise_prompts(prompts)
     if lora_request is None and state.live is not None and _adapter_enabled(state.peft_model):
         lora_request = state.live.sync_request()
-    return state.engine.loop.generate(batch, params, lora_request=lora_request, use_tqdm=use_tqdm)
+    standby = state.engine.standby
+    standby.before_generate()
+    try:
+        return state.engine.loop.generate(batch, params, lora_request=lora_request, use_tqdm=use_tqdm)
+    finally:
+        standby.after_generate()
 
 
 def save_lora(self: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:

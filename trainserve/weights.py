@@ -36,8 +36,12 @@ def _rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(tensor, sizes, dim=0))
 
 
-def engine_views(engine_model: nn.Module, config) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(transformers parameter name, view of the engine tensor)`` for a Llama-family model."""
+def engine_views(engine_model: nn.Module, config, linears: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(transformers parameter name, view of the engine tensor)`` for a Llama-family model.
+
+    With ``linears=False`` the q/k/v/o/gate/up/down weights and biases are left out (4-bit
+    engines: see :mod:`trainserve.weights_4bit`).
+    """
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_size = config.num_attention_heads * head_dim
     kv_size = config.num_key_value_heads * head_dim
@@ -48,6 +52,10 @@ def engine_views(engine_model: nn.Module, config) -> Iterator[tuple[str, torch.T
     yield "model.embed_tokens.weight", _plain(inner.embed_tokens.weight)[:vocab]
     for i, layer in enumerate(inner.layers):
         prefix = f"model.layers.{i}."
+        yield f"{prefix}input_layernorm.weight", layer.input_layernorm.weight
+        yield f"{prefix}post_attention_layernorm.weight", layer.post_attention_layernorm.weight
+        if not linears:
+            continue
         qkv = _linear(layer.self_attn.qkv_proj)
         for name, view in zip(("q_proj", "k_proj", "v_proj"), _rows(qkv.weight, [q_size, kv_size, kv_size])):
             yield f"{prefix}self_attn.{name}.weight", view
@@ -62,8 +70,6 @@ def engine_views(engine_model: nn.Module, config) -> Iterator[tuple[str, torch.T
         yield f"{prefix}mlp.gate_proj.weight", gate
         yield f"{prefix}mlp.up_proj.weight", up
         yield f"{prefix}mlp.down_proj.weight", _linear(layer.mlp.down_proj).weight
-        yield f"{prefix}input_layernorm.weight", layer.input_layernorm.weight
-        yield f"{prefix}post_attention_layernorm.weight", layer.post_attention_layernorm.weight
     yield "model.norm.weight", inner.norm.weight
     if not getattr(config, "tie_word_embeddings", False):
         yield "lm_head.weight", _plain(engine_model.lm_head.weight)[:vocab]
@@ -86,9 +92,15 @@ def build_shared_model(engine_model: nn.Module, config, dtype: torch.dtype) -> n
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from trainserve.weights_4bit import install_4bit_linears, is_bnb_4bit
+
     device = engine_model.model.embed_tokens.weight.device
-    for name, view in engine_views(engine_model, config):
+    quantized = is_bnb_4bit(_linear(engine_model.model.layers[0].self_attn.qkv_proj))
+    for name, view in engine_views(engine_model, config, linears=not quantized):
         _set_parameter(model, name, view)
+    if quantized:
+        install_4bit_linears(model, engine_model, config, dtype)
+        model.__dict__["is_loaded_in_4bit"] = True  # PEFT then wraps the layers with its 4-bit LoRA
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them for real.
@@ -105,8 +117,13 @@ def build_shared_model(engine_model: nn.Module, config, dtype: torch.dtype) -> n
 
 def shared_storage_report(model: nn.Module, engine_model: nn.Module) -> dict[str, int]:
     """Count transformers base parameters whose storage lies inside an engine tensor's storage."""
+    engine_tensors = list(engine_model.parameters()) + list(engine_model.buffers())
+    for p in list(engine_model.parameters()):
+        states = getattr(p, "bnb_quant_state", None)
+        for state in (states.values() if isinstance(states, dict) else [states] if states is not None else []):
+            engine_tensors += [state.absmax, state.code]
     engine_ranges = []
-    for t in list(engine_model.parameters()) + list(engine_model.buffers()):
+    for t in engine_tensors:
         if t.numel():
             start = t.untyped_storage().data_ptr()
             engine_ranges.append((start, start + t.untyped_storage().nbytes()))
@@ -115,6 +132,10 @@ def shared_storage_report(model: nn.Module, engine_model: nn.Module) -> dict[str
         if "lora_" in name:
             continue
         ptr = p.data_ptr()
+        state = getattr(p, "quant_state", None)  # 4-bit: the statistics must be the engine's too
+        if state is not None and not any(lo <= state.absmax.data_ptr() < hi for lo, hi in engine_ranges):
+            separate += 1
+            continue
         if any(lo <= ptr < hi for lo, hi in engine_ranges):
             shared += 1
         else:

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from trainserve._env import apply_env_defaults
+from trainserve._env import apply_env_defaults, require_inprocess_engine
 from trainserve.engine.loop import EngineLoop
 
 logger = logging.getLogger("trainserve")
@@ -36,6 +36,7 @@ class EngineSpec:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     kv_cache_dtype: str = "auto"
+    enable_sleep_mode: bool = False  # GPU: lets the KV cache stand by while the trainer runs
 
 
 class Engine:
@@ -51,6 +52,9 @@ class Engine:
         self.model = vllm_compat.engine_model(llm)
         self.live_owner: object | None = None  # the LiveAdapter that holds the live slots
         self.adapters: Any = None  # the AdapterRegistry: saved-adapter ids are unique per engine
+        from trainserve.engine.standby import KVStandby
+
+        self.standby = KVStandby(self)
 
     @property
     def tokenizer(self) -> Any:
@@ -94,6 +98,7 @@ def start_engine(spec: EngineSpec) -> Engine:
             f"settings {diff} (running, requested). Call trainserve.shutdown_engine() first."
         )
     apply_env_defaults()
+    require_inprocess_engine()
     from vllm import LLM
 
     from trainserve.engine import vllm_compat
@@ -117,6 +122,8 @@ def start_engine(spec: EngineSpec) -> Engine:
     )
     if spec.quantization:
         kwargs["quantization"] = spec.quantization
+    if spec.enable_sleep_mode:
+        kwargs["enable_sleep_mode"] = True
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     _CURRENT = Engine(spec, llm, time.perf_counter() - t0)

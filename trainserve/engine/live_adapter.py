@@ -71,6 +71,7 @@ class LiveAdapter:
         self._staged: _Snapshot | None = None
         self._slot_version = {lora_id: -1 for lora_id in LIVE_LORA_IDS}
         self._applied: tuple[int, int] | None = None  # (version, lora id) now served
+        self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.last_update_ms = 0.0
         self.updates = 0
         self._register_slots()
@@ -164,7 +165,8 @@ class LiveAdapter:
         with self._lock:
             if self._detect_change() or self._staged is None:
                 with torch.no_grad():
-                    tensors = [(t.lora_a.detach().clone(), t.lora_b.detach() * t.scaling) for t in self._targets]
+                    tensors = list(zip(torch._foreach_add([t.lora_a.detach() for t in self._targets], 0),
+                                       self._scaled_b(), strict=True))
                 self._staged = _Snapshot(self.version, tensors)
             return self._staged.version
 
@@ -177,28 +179,52 @@ class LiveAdapter:
                 return lora_id
         return None
 
+    def _slot_views(self, slot: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Destination views ``A[:r]`` and ``B[:, :r]`` of every target in one slot (cached)."""
+        views = self._views.get(slot)
+        if views is None:
+            a_dst, b_dst = [], []
+            for target in self._targets:
+                a_slot, b_slot = vllm_compat.slot_tensors(target.engine_layer, slot, target.sub)
+                r = target.lora_a.shape[0]
+                if r > a_slot.shape[0]:
+                    raise ValueError(f"LoRA rank {r} exceeds the engine's max_lora_rank {a_slot.shape[0]}")
+                a_dst.append(a_slot[:r])
+                b_dst.append(b_slot[:, :r])
+            views = self._views[slot] = (a_dst, b_dst)
+        return views
+
+    def _scaled_b(self) -> list[torch.Tensor]:
+        """``B · scaling`` for every target, one batched multiply per distinct scaling."""
+        out: list[torch.Tensor] = [None] * len(self._targets)  # type: ignore[list-item]
+        groups: dict[float, list[int]] = {}
+        for i, target in enumerate(self._targets):
+            groups.setdefault(target.scaling, []).append(i)
+        for scaling, idx in groups.items():
+            for i, b in zip(idx, torch._foreach_mul([self._targets[i].lora_b.detach() for i in idx], scaling),
+                            strict=True):
+                out[i] = b
+        return out
+
     def _write(self, lora_id: int, tensors: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Copy A and B·scaling into the slot of ``lora_id``. Runs between engine steps."""
         import time
 
         t0 = time.perf_counter()
-        manager = self.engine.lora_manager()
-        slot = vllm_compat.lora_slot(manager, lora_id)
+        slot = vllm_compat.lora_slot(self.engine.lora_manager(), lora_id)
         if slot is None:
             raise vllm_compat.VLLMInternalsChanged(f"pinned live LoRA {lora_id} is not in any engine slot")
+        a_dst, b_dst = self._slot_views(slot)
         with torch.no_grad():
-            for i, target in enumerate(self._targets):
-                a_slot, b_slot = vllm_compat.slot_tensors(target.engine_layer, slot, target.sub)
-                if tensors is None:
-                    a, b = target.lora_a, target.lora_b * target.scaling
-                else:
-                    a, b = tensors[i]
-                r = a.shape[0]
-                if r > a_slot.shape[0]:
-                    raise ValueError(f"LoRA rank {r} exceeds the engine's max_lora_rank {a_slot.shape[0]}")
-                a_slot[:r].copy_(a, non_blocking=True)
-                b_slot[:, :r].copy_(b, non_blocking=True)
-        if torch.cuda.is_available() and a_slot.is_cuda:
+            if tensors is None:
+                a_src = [t.lora_a.detach() for t in self._targets]
+                b_src = self._scaled_b()
+            else:
+                a_src = [a for a, _ in tensors]
+                b_src = [b for _, b in tensors]
+            torch._foreach_copy_(a_dst, a_src)
+            torch._foreach_copy_(b_dst, b_src)
+        if a_dst[0].is_cuda:
             torch.cuda.current_stream().synchronize()
         self.last_update_ms = (time.perf_counter() - t0) * 1e3
         self.updates += 1
@@ -222,8 +248,8 @@ class LiveAdapter:
                     lora_id = self._free_slot()
                     if lora_id is None:  # both buffers busy with requests in flight: stage instead
                         with torch.no_grad():
-                            snap = [(t.lora_a.detach().clone(), t.lora_b.detach() * t.scaling)
-                                    for t in self._targets]
+                            snap = list(zip(torch._foreach_add([t.lora_a.detach() for t in self._targets], 0),
+                                            self._scaled_b(), strict=True))
                         self._staged = _Snapshot(self.version, snap)
                         return self._lora_request()
                     self._write(lora_id, None)

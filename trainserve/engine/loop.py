@@ -115,6 +115,8 @@ class EngineLoop:
         on_output: Callable[[Any], None] | None = None,
     ) -> RequestStream:
         """Queue one request; its outputs go to the returned stream (and ``on_output``)."""
+        if not (isinstance(prompt, dict) and "type" in prompt):
+            prompt = self.render([prompt])[0]
         request_id = f"ts-{next(self._ids)}"
         lora_id = lora_request.lora_int_id if lora_request is not None else 0
         stream = RequestStream(request_id, lora_id, on_output)
@@ -130,6 +132,12 @@ class EngineLoop:
         self.call(add)
         self._wake.set()
         return stream
+
+    def render(self, prompts: Sequence[Any]) -> list[Any]:
+        """Tokenise prompts (str or ``TokensPrompt``) into engine inputs, in the calling thread."""
+        from trainserve.engine.vllm_compat import render_prompts
+
+        return render_prompts(self.llm, list(prompts))
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream is finished with a ``RequestAborted`` error."""
@@ -161,9 +169,11 @@ class EngineLoop:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        params_list = [_final_only(p) for p in params_list]
         streams: list[RequestStream] = []
+        rendered = self.render(prompts)
         try:
-            for prompt, p in zip(prompts, params_list, strict=True):
+            for prompt, p in zip(rendered, params_list, strict=True):
                 streams.append(self.submit(prompt, p, lora_request))
         except BaseException:
             for s in streams:
@@ -243,6 +253,18 @@ class EngineLoop:
                 return
             if not busy:
                 self._wake.wait(0.05)
+
+
+def _final_only(params: Any) -> Any:
+    """A copy of ``params`` that returns only the finished output (as ``LLM.generate`` does):
+    cumulative outputs would re-emit every running sequence at every step."""
+    from vllm.sampling_params import RequestOutputKind
+
+    if getattr(params, "output_kind", None) == RequestOutputKind.FINAL_ONLY:
+        return params
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
 
 
 class RequestAborted(RuntimeError):

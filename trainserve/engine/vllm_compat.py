@@ -137,3 +137,52 @@ def slot_tensors(layer: nn.Module, slot: int, sub: int) -> tuple[torch.Tensor, t
     if a.ndim != 4 or b.ndim != 4:
         raise _fail(f"lora stacked tensors are {a.ndim}-d/{b.ndim}-d, expected (slots, 1, rank, in)")
     return a[slot, 0], b[slot, 0]
+
+
+def render_prompts(llm: Any, prompts: list[Any]) -> list[Any]:
+    """Turn str / ``TokensPrompt`` prompts into engine inputs the way ``LLM.generate`` does.
+
+    vLLM ≥ 0.30 renders prompts (tokenisation, arrival time) before ``LLMEngine.add_request``
+    and deprecates raw prompts there; older releases take raw prompts directly.
+    """
+    preprocess = getattr(llm, "_preprocess_cmpl", None)
+    if preprocess is None:
+        return list(prompts)
+    return list(preprocess(prompts))
+
+
+def _cumem_allocator() -> Any:
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+    except ImportError as exc:
+        raise _fail("vllm.device_allocator.cumem.CuMemAllocator is gone") from exc
+    return CuMemAllocator.get_instance()
+
+
+def release_kv_cache() -> int:
+    """Unmap the physical memory behind every ``kv_cache``-tagged allocation; return bytes freed.
+
+    Weights stay mapped (the trainer views them). Needs ``enable_sleep_mode=True``. The virtual
+    addresses stay reserved, so CUDA graphs that captured them remain valid after
+    :func:`restore_kv_cache`.
+    """
+    from vllm.device_allocator.cumem import unmap_and_release
+
+    freed = 0
+    for data in _cumem_allocator().pointer_to_data.values():
+        if data.tag == "kv_cache" and not getattr(data, "is_asleep", False):
+            unmap_and_release(data.handle)
+            data.is_asleep = True
+            freed += data.handle[1]
+    return freed
+
+
+def restore_kv_cache(llm: Any) -> None:
+    """Map fresh memory behind the KV cache again (content is gone: the prefix cache is reset)."""
+    import torch
+
+    torch.cuda.empty_cache()  # hand cached blocks back so the driver can map them for the KV cache
+    # The worker's wake_up maps the tagged allocations and runs the runner's post-KV-wake hook; the
+    # executor-level wake_up would refuse, as the engine never went through its own sleep().
+    llm.collective_rpc("wake_up", kwargs={"tags": ["kv_cache"]})
+    llm.llm_engine.reset_prefix_cache()

@@ -30,11 +30,20 @@ def triton_disabled() -> bool:
     return os.environ.get("TRAINSERVE_DISABLE_TRITON", "0") not in ("", "0", "false", "False")
 
 
+_ENABLED = HAS_TRITON and not triton_disabled()  # read once: this runs on every kernel call
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton path should run for these inputs."""
-    if not HAS_TRITON or triton_disabled():
+    """Whether the Triton path should run for these inputs (CUDA tensors, Triton importable and
+    not disabled by ``TRAINSERVE_DISABLE_TRITON`` at import time)."""
+    if not _ENABLED:
         return False
-    return all(t.is_cuda or INTERPRET for t in tensors)
+    if INTERPRET:
+        return True
+    for t in tensors:
+        if not t.is_cuda:
+            return False
+    return True
 
 
 def next_power_of_2(n: int) -> int:

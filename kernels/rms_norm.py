@@ -8,7 +8,6 @@ The backward treats the cast back to ``x.dtype`` as the identity (as autograd do
 from __future__ import annotations
 
 import torch
-
 from trainserve.kernels._triton_utils import (
     HAS_TRITON,
     device_sm_count,
@@ -143,5 +142,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim: Triton on CUDA, the torch reference elsewhere."""
     if use_triton(x, weight) and x.shape[-1] <= 65536:
+        if not torch.is_grad_enabled():
+            return rms_norm_forward_triton(x, weight, eps)[0]
         return RMSNormFunction.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)

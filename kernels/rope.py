@@ -10,7 +10,6 @@ done in place on the incoming gradients.
 from __future__ import annotations
 
 import torch
-
 from trainserve.kernels._triton_utils import HAS_TRITON, next_power_of_2, tl, triton, use_triton
 
 
@@ -21,13 +20,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    return (x * cos.unsqueeze(2)) + (rotate_half(x) * sin.unsqueeze(2))
+
+
 def rope_reference(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Out-of-place reference for ``(B, S, H, D)`` q/k and ``(B|1, S, D)`` cos/sin."""
-    cos = cos.unsqueeze(2)
-    sin = sin.unsqueeze(2)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 if HAS_TRITON:
@@ -54,7 +57,7 @@ if HAS_TRITON:
     def _rope_kernel(
         Q, K, COS, SIN, seq_len, n_qh, n_kh, HALF,
         sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sc_b, sc_s,
-        SIGN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        SIGN: tl.constexpr, HAS_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         tok = tl.program_id(0).to(tl.int64)
         b = tok // seq_len
@@ -64,7 +67,8 @@ if HAS_TRITON:
         c = tl.load(COS + b * sc_b + t * sc_s + offs_d, mask=dmask, other=0.0).to(tl.float32)
         s = tl.load(SIN + b * sc_b + t * sc_s + offs_d, mask=dmask, other=0.0).to(tl.float32) * SIGN
         _rope_heads(Q, b * sq_b + t * sq_s, sq_h, n_qh, c, s, offs_d, HALF, BLOCK_H, BLOCK_D)
-        _rope_heads(K, b * sk_b + t * sk_s, sk_h, n_kh, c, s, offs_d, HALF, BLOCK_H, BLOCK_D)
+        if HAS_K:
+            _rope_heads(K, b * sk_b + t * sk_s, sk_h, n_kh, c, s, offs_d, HALF, BLOCK_H, BLOCK_D)
 
 
 def _check_layout(x: torch.Tensor) -> torch.Tensor:
@@ -73,38 +77,41 @@ def _check_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def rope_inplace_triton(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
-) -> None:
-    """Rotate q and k in place (``inverse`` rotates by -theta, the backward)."""
-    _check_layout(q)
-    _check_layout(k)
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
-        raise ValueError("rope_inplace_triton needs a unit stride on head_dim")
-    bsz, seq, n_qh, dim = q.shape
-    n_kh = k.shape[2]
-    half = dim // 2
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if cos.dim() == 2:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    if cos.stride(-1) != 1:
-        cos = cos.contiguous()
-    if sin.stride() != cos.stride():
-        sin = sin.contiguous()
-        cos = cos.contiguous()
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def rope_inplace_triton(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+) -> None:
+    """Rotate q (and k, if given) in place; ``inverse`` rotates by -theta (the backward)."""
+    _check_layout(q)
+    if q.stride(-1) != 1 or (k is not None and k.stride(-1) != 1):
+        raise ValueError("rope_inplace_triton needs a unit stride on head_dim")
+    bsz, seq, n_qh, dim = q.shape
+    kk = q if k is None else _check_layout(k)
+    n_kh = kk.shape[2]
+    half = dim // 2
+    cos, sin = _tables(cos, sin)
     sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
     block_d = next_power_of_2(half)
     block_h = max(1, min(next_power_of_2(max(n_qh, n_kh)), max(1, 4096 // block_d)))
     n_tok = bsz * seq
     if n_tok:
         _rope_kernel[(n_tok,)](
-            q, k, cos, sin, seq, n_qh, n_kh, half,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q, kk, cos, sin, seq, n_qh, n_kh, half,
+            q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
             sc_b, cos.stride(1),
-            SIGN=-1.0 if inverse else 1.0, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+            SIGN=-1.0 if inverse else 1.0, HAS_K=k is not None, BLOCK_H=block_h, BLOCK_D=block_d,
+            num_warps=4,
         )
 
 
-def _dense_unit_stride(t: torch.Tensor) -> bool:
+def dense_unit_stride(t: torch.Tensor) -> bool:
     """A permutation of a dense block (no element aliased) with unit stride on the last dim."""
     if t.stride(-1) != 1 and t.shape[-1] != 1:
         return False
@@ -118,25 +125,36 @@ def _dense_unit_stride(t: torch.Tensor) -> bool:
     return True
 
 
+def rope_inplace_(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+) -> None:
+    """In-place rotation without autograd: Triton on CUDA, the reference copied back elsewhere."""
+    tensors = [q] if k is None else [q, k]
+    if use_triton(*tensors, cos, sin) and all(t.stride(-1) == 1 for t in tensors) and q.shape[-1] % 2 == 0:
+        rope_inplace_triton(q, k, cos, sin, inverse)
+        return
+    s = -sin if inverse else sin
+    for t in tensors:
+        t.copy_(_rotate(t, cos, s))
+
+
 class RopeInplaceFunction(torch.autograd.Function):
-    """In-place rotary on q and k; backward rotates the gradients back in place."""
+    """In-place rotary on one tensor (autograd allows one output when the input is a view);
+    the backward rotates the gradient back, in place when it owns its memory."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        rope_inplace_triton(q, k, cos, sin)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        rope_inplace_(x, None, cos, sin)
+        ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin)
-        return q, k
+        return x
 
     @staticmethod
-    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+    def backward(ctx, dx: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        # Rotate the gradients in place unless they alias themselves (expanded) or are strided
-        # on head_dim; then work on a private copy.
-        dq = dq if _dense_unit_stride(dq) else dq.contiguous()
-        dk = dk if _dense_unit_stride(dk) else dk.contiguous()
-        rope_inplace_triton(dq, dk, cos, sin, inverse=True)
-        return dq, dk, None, None
+        dx = dx if dense_unit_stride(dx) else dx.contiguous()
+        rope_inplace_(dx, None, cos, sin, inverse=True)
+        return dx, None, None
 
 
 def apply_rope(
@@ -145,5 +163,5 @@ def apply_rope(
     """Rotary embedding on ``(B, S, H, D)`` q/k. On CUDA q and k are modified in place (and
     returned); elsewhere new tensors come back from the reference."""
     if use_triton(q, k, cos, sin) and q.stride(-1) == 1 and k.stride(-1) == 1 and q.shape[-1] % 2 == 0:
-        return RopeInplaceFunction.apply(q, k, cos, sin)
+        return RopeInplaceFunction.apply(q, cos, sin), RopeInplaceFunction.apply(k, cos, sin)
     return rope_reference(q, k, cos, sin)

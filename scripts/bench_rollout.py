@@ -96,7 +96,8 @@ def arm_trainserve(a) -> dict:
 
     mem = PeakMemory()
     t0 = time.perf_counter()
-    model, _ = FastLanguageModel.from_pretrained(a.path, max_seq_length=a.max_len, load_in_4bit=True, fast_inference=True,
+    model, _ = FastLanguageModel.from_pretrained(a.path, max_seq_length=a.max_len, load_in_4bit=True,
+                                                 fast_inference=True,
                                                  gpu_memory_utilization=a.util, max_lora_rank=a.rank)
     start_s = time.perf_counter() - t0
     model = FastLanguageModel.get_peft_model(model, r=a.rank, lora_alpha=2 * a.rank, target_modules=ALL7)
@@ -128,7 +129,8 @@ def arm_trainserve(a) -> dict:
             "adapter_copy_ms_median": round(statistics.median(copy_ms), 3),
             "update_to_first_token_ms_median": round(statistics.median(visible_ms), 2),
             "peak_gpu_gb": mem.gb, "standby_freed_gb": round(standby.freed_bytes / 1e9, 2),
-            "standby_restore_ms": round(standby.last_restore_ms, 1), "standby_release_ms": round(standby.last_release_ms, 1)}
+            "standby_restore_ms": round(standby.last_restore_ms, 1),
+            "standby_release_ms": round(standby.last_release_ms, 1)}
 
 
 def arm_vllm(a) -> dict:
@@ -162,8 +164,8 @@ def arm_vllm(a) -> dict:
 
 
 def arm_unsloth(a) -> dict:
-    import unsloth  # noqa: F401  (must be imported before transformers)
     import torch
+    import unsloth  # noqa: F401  (must be imported before transformers)
     from unsloth import FastLanguageModel
     from vllm import SamplingParams
 
@@ -254,7 +256,8 @@ def main() -> None:
     with open(out, "w") as f:
         json.dump(record, f, indent=2)
     base = next((r for r in results if r.get("arm") == "vllm" and "out_tok_s" in r), None)
-    print("\n| arm | out tok/s | vs vLLM | update→visible ms | engine start s | peak GPU GB |\n|---|---|---|---|---|---|")
+    print("\n| arm | out tok/s | vs vLLM | update→visible ms | engine start s | peak GPU GB |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         if "out_tok_s" not in r:
             print(f"| {r['arm']} | failed | | | | |")

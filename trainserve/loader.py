@@ -118,7 +118,8 @@ class FastLanguageModel:
                                             trust_remote_code=trust_remote_code)
         model_type = getattr(config, "model_type", None)
         if model_type not in ARCHITECTURES:
-            raise NotImplementedError(f"model_type {model_type!r} is not supported (supported: {sorted(ARCHITECTURES)})")
+            raise NotImplementedError(
+                f"model_type {model_type!r} is not supported (supported: {sorted(ARCHITECTURES)})")
         fast_cls = _fast_model_class(model_type)
         if rope_scaling is not None:
             fast_cls.validate_config(config, rope_scaling=rope_scaling)
@@ -199,7 +200,8 @@ class FastLanguageModel:
             target_modules = [target_modules]
         unknown = [t for t in target_modules if t not in SUPPORTED_TARGETS]
         if unknown or not target_modules:
-            raise ValueError(f"unknown target modules {unknown or target_modules}; choose from {list(SUPPORTED_TARGETS)}")
+            raise ValueError(
+                f"unknown target modules {unknown or target_modules}; choose from {list(SUPPORTED_TARGETS)}")
         if bias != "none":
             raise NotImplementedError(f"bias={bias!r} is not supported; use bias='none'")
         if modules_to_save:

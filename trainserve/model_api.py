@@ -30,7 +30,8 @@ class ModelState:
 
 def state_of(model: Any) -> ModelState | None:
     """The :class:`ModelState` of a trainserve model (through a PEFT wrapper too)."""
-    for candidate in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+    base = getattr(model, "base_model", None)
+    for candidate in (model, base, getattr(base, "model", None)):
         state = getattr(candidate, "__dict__", {}).get("_trainserve")
         if state is not None:
             return state

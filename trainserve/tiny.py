@@ -117,7 +117,7 @@ def _build_model(out_dir: Path, n_tokens: int) -> None:
         # A larger init than HF's default 0.02 makes the random model's outputs less flat,
         # so that changing weights visibly changes greedy decoding.
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.ndim == 2:
                     p.normal_(0.0, 0.08)
     finally:

@@ -57,10 +57,12 @@ def engine_views(engine_model: nn.Module, config, linears: bool = True) -> Itera
         if not linears:
             continue
         qkv = _linear(layer.self_attn.qkv_proj)
-        for name, view in zip(("q_proj", "k_proj", "v_proj"), _rows(qkv.weight, [q_size, kv_size, kv_size])):
+        for name, view in zip(("q_proj", "k_proj", "v_proj"), _rows(qkv.weight, [q_size, kv_size, kv_size]),
+                              strict=True):
             yield f"{prefix}self_attn.{name}.weight", view
         if getattr(qkv, "bias", None) is not None:
-            for name, view in zip(("q_proj", "k_proj", "v_proj"), _rows(qkv.bias, [q_size, kv_size, kv_size])):
+            for name, view in zip(("q_proj", "k_proj", "v_proj"), _rows(qkv.bias, [q_size, kv_size, kv_size]),
+                                  strict=True):
                 yield f"{prefix}self_attn.{name}.bias", view
         o_proj = _linear(layer.self_attn.o_proj)
         yield f"{prefix}self_attn.o_proj.weight", o_proj.weight

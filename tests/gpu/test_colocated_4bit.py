@@ -60,7 +60,7 @@ def test_building_the_trainer_adds_no_weight_copy(path):
     torch.cuda.synchronize()
     added = free_before - torch.cuda.mem_get_info()[0]
     packed = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert added < 0.05 * packed, f"building the trainer took {added / 2**20:.0f} MiB for {packed / 2**20:.0f} MiB of weights"
+    assert added < 0.05 * packed, f"building the trainer took {added / 2**20:.0f} MiB for {packed / 2**20:.0f} MiB"
 
 
 def test_changing_a_shared_weight_changes_the_engine(path):

@@ -1,0 +1,185 @@
+"""Attention for the patched Llama/Qwen2 path, through ``scaled_dot_product_attention``.
+
+The model forward describes the mask once per forward as an :class:`AttnSpec` and passes it down
+in place of transformers' mask; the attention forward recognises it (any other mask means "called
+by transformers": the original forward runs). Kinds:
+
+* ``causal`` - no padding, no packing: SDPA with ``is_causal=True`` (the flash backend on CUDA),
+  GQA through ``enable_gqa`` (key/value heads are expanded only if this torch's flash kernel
+  refuses GQA).
+* ``varlen`` - padding-free packing (position ids that restart, or transformers' flash kwargs
+  ``cu_seq_lens_q``...): ``torch.nn.attention.varlen.varlen_attn`` on CUDA when it exists, with a
+  sliding window when the layer has one; otherwise an equivalent block-diagonal mask.
+* ``masked`` - padding (a 2-D attention mask with zeros), sliding windows without varlen, or a
+  caller's 4-D mask: SDPA with an explicit boolean mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.9
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
+except Exception:  # noqa: BLE001
+    _varlen_attn = None
+    _VARLEN_PARAMS = set()
+
+_FLASH_GQA: dict[str, bool] = {}
+
+
+@dataclass
+class AttnSpec:
+    """How one forward's attention is masked (shared by the layers of one type)."""
+
+    kind: str  # "causal" | "varlen" | "masked"
+    mask: torch.Tensor | None = None  # (B|1, 1, S, S) bool (True = attend) or additive float
+    cu_seqlens: torch.Tensor | None = None  # int32 (n+1,) over the flattened B*S tokens
+    max_len: int = 0
+    window: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Segment index per token: a new segment wherever the position does not go up by one."""
+    first = position_ids[:, :1] - 1
+    diff = torch.diff(position_ids, prepend=first, dim=-1)
+    return (diff != 1).cumsum(-1)
+
+
+def _window_mask(s: int, window: int | None, device: torch.device) -> torch.Tensor:
+    i = torch.arange(s, device=device)
+    keep = i[None, :] <= i[:, None]
+    if window is not None:
+        keep &= (i[:, None] - i[None, :]) < window
+    return keep
+
+
+def varlen_available(device: torch.device, window: int | None = None) -> bool:
+    """varlen_attn exists here, runs on this device and (if needed) takes a window size."""
+    if _varlen_attn is None or device.type != "cuda":
+        return False
+    return window is None or "window_size" in _VARLEN_PARAMS
+
+
+def build_attn_spec(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    window: int | None = None,
+    flash_kwargs: dict | None = None,
+) -> AttnSpec:
+    """Decide the attention kind for one forward (host syncs at most twice, before any layer)."""
+    if window is not None and window >= seq:
+        window = None
+    if flash_kwargs and flash_kwargs.get("cu_seq_lens_q") is not None and attention_mask is None:
+        cu = flash_kwargs["cu_seq_lens_q"].to(device=device, dtype=torch.int32)
+        max_len = int(flash_kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+        return _varlen_or_mask(cu, max_len, batch, seq, device, window)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return AttnSpec("masked", mask=attention_mask.to(device), window=window)
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    packed = False
+    seg = None
+    if position_ids is not None and seq > 1 and attention_mask is None:  # as transformers decides
+        seg = _segments_from_positions(position_ids.expand(batch, seq))
+        packed = bool((seg[:, -1] != seg[:, 0]).any())
+    if not padded and not packed:
+        if window is None:
+            return AttnSpec("causal")
+        if varlen_available(device, window):
+            cu = torch.arange(0, (batch + 1) * seq, seq, device=device, dtype=torch.int32)
+            return AttnSpec("varlen", cu_seqlens=cu, max_len=seq, window=window)
+        return AttnSpec("masked", mask=_window_mask(seq, window, device)[None, None], window=window)
+    if packed and not padded:
+        starts = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        idx = torch.nonzero(starts.reshape(-1)).flatten().to(torch.int32)
+        cu = torch.cat([idx, torch.tensor([batch * seq], dtype=torch.int32, device=device)])
+        max_len = int((cu[1:] - cu[:-1]).max())
+        return _varlen_or_mask(cu, max_len, batch, seq, device, window)
+    keep = _window_mask(seq, window, device)[None]  # (1, S, S)
+    keep = keep & attention_mask.bool()[:, None, :]  # keys that are not padding
+    keep = keep | torch.eye(seq, dtype=torch.bool, device=device)[None]  # no empty rows (padding)
+    return AttnSpec("masked", mask=keep[:, None], window=window)
+
+
+def _varlen_or_mask(
+    cu: torch.Tensor, max_len: int, batch: int, seq: int, device: torch.device, window: int | None
+) -> AttnSpec:
+    if varlen_available(device, window):
+        return AttnSpec("varlen", cu_seqlens=cu, max_len=max_len, window=window)
+    seg = torch.zeros(batch * seq, dtype=torch.long, device=device)
+    seg[cu[1:-1].long()] = 1
+    seg = seg.cumsum(0).view(batch, seq)
+    keep = _window_mask(seq, window, device)[None] & (seg[:, :, None] == seg[:, None, :])
+    return AttnSpec("masked", mask=keep[:, None], window=window)
+
+
+def _flash_gqa_ok(device: torch.device) -> bool:
+    """Whether SDPA's flash kernel takes GQA inputs in this torch (checked once per device type)."""
+    key = str(device)
+    if key not in _FLASH_GQA:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        q = torch.randn(1, 4, 16, 64, device=device, dtype=torch.bfloat16)
+        kv = torch.randn(1, 2, 16, 64, device=device, dtype=torch.bfloat16)
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+            _FLASH_GQA[key] = True
+        except RuntimeError:
+            _FLASH_GQA[key] = False
+    return _FLASH_GQA[key]
+
+
+def _expand_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, scale: float, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """``(B, S, Hq, D)`` q and ``(B, S, Hkv, D)`` k/v to ``(B, S, Hq*D)`` attention output."""
+    bsz, seq, hq, dim = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    if spec.kind == "varlen":
+        kw = {"scale": scale}
+        if spec.window is not None:
+            kw["window_size"] = (spec.window - 1, 0)
+        qf, kf, vf = q.reshape(-1, hq, dim), k.reshape(-1, hkv, dim), v.reshape(-1, hkv, dim)
+        if groups > 1:
+            if "enable_gqa" in _VARLEN_PARAMS:
+                kw["enable_gqa"] = True
+            else:
+                kf, vf = _expand_kv(kf, groups, 1), _expand_kv(vf, groups, 1)
+        if "is_causal" in _VARLEN_PARAMS:
+            kw["is_causal"] = True
+        if "window_size" in _VARLEN_PARAMS and "window_size" not in kw:
+            kw["window_size"] = (-1, 0)  # left unbounded, right 0: causal
+        out = _varlen_attn(qf, kf, vf, spec.cu_seqlens, spec.cu_seqlens, spec.max_len, spec.max_len, **kw)
+        return out.reshape(bsz, seq, hq * dim)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    kw = {}
+    if groups > 1:
+        if q.device.type == "cuda" and spec.kind == "causal" and not _flash_gqa_ok(q.device):
+            kt, vt = _expand_kv(kt, groups, 1), _expand_kv(vt, groups, 1)
+        else:
+            kw["enable_gqa"] = True
+    if spec.kind == "causal":
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, dropout_p=dropout_p, scale=scale, **kw
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=spec.mask, dropout_p=dropout_p, scale=scale, **kw
+        )
+    return out.transpose(1, 2).reshape(bsz, seq, hq * dim)

@@ -1,0 +1,378 @@
+"""The patched Llama/Qwen2 training path: named forwards installed on one model instance.
+
+``FastLlamaModel.patch_model(model)`` replaces, on that instance only, the ``forward`` of the
+causal-LM head, the decoder stack, each decoder layer, attention, MLP, RMSNorm and the rotary
+embedding with the functions below (``types.MethodType``; the classes are never touched, and
+``unpatch_model`` removes them again). The fast path runs when the model forward starts it: it
+passes an :class:`~trainserve.fast_attention.AttnSpec` down as the attention mask; a layer called
+any other way (generation with a KV cache, ``output_attentions``...) runs transformers' own
+forward. Projections go through the fused LoRA kernels when :func:`get_lora_parameters` allows
+(peft ``LoraLayer``s are recognised at call time, so patching before ``get_peft_model`` works);
+otherwise the module is called as usual.
+
+With ``labels`` the head computes the loss with the chunked fused linear cross-entropy and returns
+``logits=None``; set ``TRAINSERVE_RETURN_LOGITS=1`` or ``model.trainserve_return_logits = True``
+(on the causal-LM module) to get transformers' logits and loss instead. Without labels the logits
+come back as usual (``logits_to_keep`` honoured).
+
+Checkpointing (``use_gradient_checkpointing``): ``"unsloth"`` checkpoints each decoder layer and
+parks its input in pinned host memory (:mod:`trainserve.checkpointing`), ``True`` is plain
+per-layer checkpointing, ``False`` none - then the MLP recomputes its gate|up activation in its
+own backward instead of saving it (``TRAINSERVE_MLP_RECOMPUTE=0`` keeps it; ``=1`` forces it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainserve.checkpointing import checkpoint_layer, normalize_gc_mode
+from trainserve.fast_attention import AttnSpec, attention, build_attn_spec
+from trainserve.kernels.fused_linear_ce import causal_lm_shift_labels, fused_linear_cross_entropy
+from trainserve.kernels.lora_fused import get_lora_parameters, lora_mlp, lora_projections
+from trainserve.kernels.rms_norm import rms_norm
+from trainserve.kernels.rope import apply_rope
+
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+_FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _original(self: nn.Module) -> Any:
+    """The class's own forward bound to ``self`` (what transformers would run)."""
+    return types.MethodType(type(self).forward, self)
+
+
+def fast_rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def fast_rotary_forward(self: nn.Module, x: torch.Tensor, position_ids: torch.Tensor):
+    """cos/sin like transformers (fp32 angles, cast to x's dtype); dynamic RoPE types defer."""
+    if getattr(self, "rope_type", "default") not in _STATIC_ROPE:
+        return _original(self)(x, position_ids)
+    inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
+    freqs = position_ids[..., None].to(torch.float32) * inv_freq
+    cos = freqs.cos() * self.attention_scaling
+    sin = freqs.sin() * self.attention_scaling
+    return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
+
+
+def _mlp_recompute_default(mode: Any) -> bool:
+    """Without layer checkpointing the MLP recomputes its gate|up activation in the backward
+    (saves ~(2*intermediate) values per token per layer for one extra GEMM);
+    ``TRAINSERVE_MLP_RECOMPUTE=0/1`` overrides."""
+    env = os.environ.get("TRAINSERVE_MLP_RECOMPUTE", "auto").lower()
+    if env in ("0", "false", "no"):
+        return False
+    if env in ("1", "true", "yes"):
+        return True
+    return mode is False
+
+
+def fast_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    act = getattr(getattr(self, "config", None), "hidden_act", "silu")
+    if act in ("silu", "swish"):
+        ps = [get_lora_parameters(self.gate_proj), get_lora_parameters(self.up_proj),
+              get_lora_parameters(self.down_proj)]
+        if all(p is not None for p in ps):
+            recompute = getattr(self, "_trainserve_recompute", False) and torch.is_grad_enabled()
+            return lora_mlp(x, *ps, recompute=recompute)
+    return _original(self)(x)
+
+
+def fast_attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: Any = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+):
+    if not isinstance(attention_mask, AttnSpec) or past_key_values is not None:
+        return _original(self)(
+            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+            past_key_values=past_key_values, **kwargs,
+        )
+    bsz, seq, _ = hidden_states.shape
+    dim = self.head_dim
+    projs = (self.q_proj, self.k_proj, self.v_proj)
+    ps = [get_lora_parameters(m) for m in projs]
+    cos, sin = position_embeddings
+    if all(p is not None for p in ps):
+        q, k, v = lora_projections(hidden_states, ps, rope=(cos, sin, dim))  # rope applied inside
+        q, k, v = q.view(bsz, seq, -1, dim), k.view(bsz, seq, -1, dim), v.view(bsz, seq, -1, dim)
+    else:
+        q, k, v = (m(hidden_states).view(bsz, seq, -1, dim) for m in projs)
+        q, k = apply_rope(q, k, cos, sin)
+    dropout = self.attention_dropout if self.training else 0.0
+    out = attention(q, k, v, attention_mask, self.scaling, dropout)
+    po = get_lora_parameters(self.o_proj)
+    out = lora_projections(out, [po])[0] if po is not None else self.o_proj(out)
+    return out, None
+
+
+def fast_decoder_layer_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: Any = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    use_cache: bool | None = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    if not isinstance(attention_mask, AttnSpec) or past_key_values is not None:
+        return _original(self)(
+            hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    residual = hidden_states
+    h = self.input_layernorm(hidden_states)
+    h, _ = self.self_attn(
+        hidden_states=h, position_embeddings=position_embeddings, attention_mask=attention_mask
+    )
+    h = residual + h
+    residual = h
+    h = self.post_attention_layernorm(h)
+    h = self.mlp(h)
+    return residual + h
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, spec: AttnSpec, pos_emb: tuple, position_ids: Any):
+    # nn.Module.__call__ keeps hooks but skips GradientCheckpointingLayer's own checkpointing:
+    # checkpointing is ours (checkpoint_layer).
+    out = nn.Module.__call__(layer, hidden, attention_mask=spec, position_ids=position_ids,
+                             position_embeddings=pos_emb)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def fast_model_forward(
+    self: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    inputs_embeds: torch.Tensor | None = None,
+    use_cache: bool | None = None,
+    **kwargs: Any,
+):
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    if (
+        past_key_values is not None
+        or (use_cache and not self.training)
+        or kwargs.get("output_attentions")
+        or kwargs.get("output_hidden_states")
+        or isinstance(attention_mask, dict)
+    ):
+        return _original(self)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    bsz, seq = hidden.shape[:2]
+    given_positions = position_ids is not None
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=hidden.device)[None]
+    flash_kwargs = {k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None}
+    config = self.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    specs: dict[str, AttnSpec] = {}
+    for lt in set(layer_types):
+        window = getattr(config, "sliding_window", None) if lt == "sliding_attention" else None
+        specs[lt] = build_attn_spec(
+            attention_mask, position_ids if given_positions else None, bsz, seq, hidden.device,
+            window, flash_kwargs,
+        )
+    pos_emb = self.rotary_emb(hidden, position_ids)
+    mode = getattr(self, "_trainserve_gc", False) if (self.training and torch.is_grad_enabled()) else False
+    chain: list = []
+    for i, layer in enumerate(self.layers[: config.num_hidden_layers]):
+        run = functools.partial(_run_layer, layer)
+        hidden = checkpoint_layer(mode, run, chain, hidden, specs[layer_types[i]], pos_emb, position_ids)
+    hidden = self.norm(hidden)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=None)
+
+
+def _return_logits(self: nn.Module) -> bool:
+    flag = os.environ.get("TRAINSERVE_RETURN_LOGITS", "0") not in ("", "0", "false", "False")
+    return flag or bool(getattr(self, "trainserve_return_logits", False))
+
+
+def fast_causal_lm_forward(
+    self: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    **kwargs: Any,
+):
+    """transformers' causal-LM forward; with labels the loss is the fused, chunked CE and
+    ``logits`` is None (unless logits are forced, see the module docstring)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return_dict = kwargs.pop("return_dict", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    outputs = self.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+    )
+    hidden = outputs.last_hidden_state
+    head = self.lm_head
+    want_loss = labels is not None or shift_labels is not None
+    fused = (
+        want_loss and not _return_logits(self) and isinstance(logits_to_keep, int) and logits_to_keep == 0
+        and type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+    )
+    loss = logits = None
+    if fused:
+        if shift_labels is None:
+            shift_labels = causal_lm_shift_labels(labels, ignore_index)
+        loss = fused_linear_cross_entropy(
+            hidden, head.weight, shift_labels.to(hidden.device), bias=head.bias, ignore_index=ignore_index,
+            num_items_in_batch=num_items,
+        )
+    else:
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = head(hidden[:, slice_indices, :])
+        if want_loss:
+            extra = {"shift_labels": shift_labels} if shift_labels is not None else {}
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items, ignore_index=ignore_index, **extra,
+            )
+    out = CausalLMOutputWithPast(
+        loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+    )
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+_ROLE_FORWARDS = {
+    "causal_lm": fast_causal_lm_forward,
+    "model": fast_model_forward,
+    "decoder_layer": fast_decoder_layer_forward,
+    "attention": fast_attention_forward,
+    "mlp": fast_mlp_forward,
+    "rms_norm": fast_rms_norm_forward,
+    "rotary": fast_rotary_forward,
+}
+_OUR_FUNCS = set(_ROLE_FORWARDS.values())
+
+
+def _is_ours(module: nn.Module) -> bool:
+    fwd = module.__dict__.get("forward")
+    return isinstance(fwd, types.MethodType) and fwd.__func__ in _OUR_FUNCS
+
+
+def _base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal-LM module inside a peft wrapper (or the model itself)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+class FastLlamaModel:
+    """Patch class for Llama; :class:`trainserve.fast_qwen2.FastQwen2Model` reuses its forwards."""
+
+    model_type = "llama"
+    _module = "transformers.models.llama.modeling_llama"
+    _prefix = "Llama"
+    _pre_patched = False
+
+    @classmethod
+    def module_classes(cls) -> dict[str, type]:
+        """role -> transformers class for this architecture."""
+        import importlib
+
+        mod = importlib.import_module(cls._module)
+        names = {
+            "causal_lm": "ForCausalLM", "model": "Model", "decoder_layer": "DecoderLayer",
+            "attention": "Attention", "mlp": "MLP", "rms_norm": "RMSNorm", "rotary": "RotaryEmbedding",
+        }
+        return {role: getattr(mod, cls._prefix + suffix) for role, suffix in names.items()}
+
+    @classmethod
+    def pre_patch(cls) -> None:
+        """Resolve the transformers classes and import the kernels (idempotent, nothing global
+        is modified: the forwards are installed per instance by :meth:`patch_model`)."""
+        if cls.__dict__.get("_pre_patched"):
+            return
+        classes = cls.module_classes()
+        for role in ("causal_lm", "model", "decoder_layer", "attention", "mlp", "rms_norm", "rotary"):
+            if not hasattr(classes[role], "forward"):
+                name = classes[role].__name__
+                raise RuntimeError(f"{name} has no forward; unsupported transformers version")
+        cls._pre_patched = True
+
+    @classmethod
+    def validate_config(cls, config: Any, rope_scaling: Any = None) -> None:
+        """Llama accepts any RoPE type (dynamic ones run transformers' rotary forward)."""
+        mt = getattr(config, "model_type", cls.model_type)
+        if mt != cls.model_type:
+            raise ValueError(f"{cls.__name__} patches model_type {cls.model_type!r}, got {mt!r}")
+
+    @classmethod
+    def patch_model(cls, model: nn.Module, use_gradient_checkpointing: Any = "unsloth") -> nn.Module:
+        """Install the fast forwards on this instance (idempotent); returns ``model``."""
+        cls.pre_patch()
+        causal = _base_causal_lm(model)
+        cls.validate_config(causal.config)
+        mode = normalize_gc_mode(use_gradient_checkpointing)
+        classes = cls.module_classes()
+        for module in causal.modules():
+            for role, klass in classes.items():
+                if type(module) is klass:
+                    if "forward" in module.__dict__ and not _is_ours(module):
+                        break  # someone else's instance forward (e.g. accelerate hooks): leave it
+                    module.forward = types.MethodType(_ROLE_FORWARDS[role], module)
+                    break
+        causal.model._trainserve_gc = mode
+        recompute = _mlp_recompute_default(mode)
+        for layer in causal.model.layers:
+            layer.mlp._trainserve_recompute = recompute
+        causal._trainserve_patched = cls.__name__
+        return model
+
+    @classmethod
+    def unpatch_model(cls, model: nn.Module) -> nn.Module:
+        """Remove every forward :meth:`patch_model` installed; returns ``model``."""
+        causal = _base_causal_lm(model)
+        for module in causal.modules():
+            if _is_ours(module):
+                del module.__dict__["forward"]
+            if "_trainserve_recompute" in module.__dict__:
+                del module.__dict__["_trainserve_recompute"]
+        for obj, attr in ((causal.model, "_trainserve_gc"), (causal, "_trainserve_patched")):
+            if attr in obj.__dict__:
+                delattr(obj, attr)
+        return model
+
+
+def get_fast_model_class(model_type: str) -> type:
+    """``FastQwen2Model`` for "qwen2", ``FastLlamaModel`` for "llama"."""
+    if model_type == "llama":
+        return FastLlamaModel
+    if model_type == "qwen2":
+        from trainserve.fast_qwen2 import FastQwen2Model
+
+        return FastQwen2Model
+    raise NotImplementedError(
+        f"no fast training path for model_type {model_type!r} (supported: llama, qwen2)"
+    )

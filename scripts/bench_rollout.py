@@ -97,8 +97,9 @@ def arm_trainserve(a) -> dict:
     mem = PeakMemory()
     t0 = time.perf_counter()
     model, _ = FastLanguageModel.from_pretrained(a.path, max_seq_length=a.max_len, load_in_4bit=True,
-                                                 fast_inference=True,
-                                                 gpu_memory_utilization=a.util, max_lora_rank=a.rank)
+                                                 fast_inference=True, gpu_memory_utilization=a.util,
+                                                 max_lora_rank=a.rank, max_loras=a.ts_max_loras,
+                                                 standby=not a.no_standby)
     start_s = time.perf_counter() - t0
     model = FastLanguageModel.get_peft_model(model, r=a.rank, lora_alpha=2 * a.rank, target_modules=ALL7)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -125,7 +126,7 @@ def arm_trainserve(a) -> dict:
         copy_ms.append(live.last_update_ms)
     mem.sample()
     standby = state_of(model).engine.standby
-    return {"arm": "trainserve", "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
+    return {"arm": "trainserve", "max_loras": a.ts_max_loras, "standby": not a.no_standby, "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
             "adapter_copy_ms_median": round(statistics.median(copy_ms), 3),
             "update_to_first_token_ms_median": round(statistics.median(visible_ms), 2),
             "peak_gpu_gb": mem.gb, "standby_freed_gb": round(standby.freed_bytes / 1e9, 2),
@@ -224,6 +225,8 @@ def main() -> None:
     parser.add_argument("--util", type=float, default=0.5)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ts-max-loras", type=int, default=4, help="trainserve: saved-adapter slots (+2 live)")
+    parser.add_argument("--no-standby", action="store_true", help="trainserve: keep the KV cache mapped")
     a = parser.parse_args()
     if a.path is None:
         from trainserve.random_model import random_qwen2

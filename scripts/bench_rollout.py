@@ -126,7 +126,8 @@ def arm_trainserve(a) -> dict:
         copy_ms.append(live.last_update_ms)
     mem.sample()
     standby = state_of(model).engine.standby
-    return {"arm": "trainserve", "max_loras": a.ts_max_loras, "standby": not a.no_standby, "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
+    return {"arm": "trainserve", "max_loras": a.ts_max_loras, "standby": not a.no_standby,
+            "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
             "adapter_copy_ms_median": round(statistics.median(copy_ms), 3),
             "update_to_first_token_ms_median": round(statistics.median(visible_ms), 2),
             "peak_gpu_gb": mem.gb, "standby_freed_gb": round(standby.freed_bytes / 1e9, 2),

@@ -109,15 +109,16 @@ class Server:
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.url = f"http://127.0.0.1:{port}"
+        self.launched = time.monotonic()
 
     def wait_ready(self, timeout: float = 600) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
+        """Seconds from launch until /health answers (servers start side by side)."""
+        while time.monotonic() - self.launched < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - t0
+                    return time.monotonic() - self.launched
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
@@ -189,9 +190,34 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and all its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def measure(server: Server, model: str, args: argparse.Namespace) -> dict:
-    """One timed run."""
-    return asyncio.run(load(server.url, model, args.clients, args.requests, args.max_tokens))
+    """One timed run, with the CPU time the server's processes spent on it (less sensitive than wall
+    time to other load on a shared machine)."""
+    before = cpu_seconds(server.proc.pid)
+    result = asyncio.run(load(server.url, model, args.clients, args.requests, args.max_tokens))
+    spent = cpu_seconds(server.proc.pid) - before
+    result["server_cpu_s"] = round(spent, 2)
+    result["server_cpu_ms_per_token"] = round(1e3 * spent / max(result["output_tokens"], 1), 3)
+    return result
 
 
 def summarise(name: str, label: str, runs: list[dict], startups: list[float]) -> dict:
@@ -258,6 +284,8 @@ def main() -> int:
                 "--enable-lora",
                 "--max-lora-rank",
                 "16",
+                "--max-loras",
+                "4",  # trainserve serve's default (it reserves 2 more slots for the live adapter)
                 "--lora-modules",
                 f"bench={adapter}",
                 *common,
@@ -273,7 +301,8 @@ def main() -> int:
     try:
         for name in names:
             cmd = [*plans[name][0], "--port", str(free_port())]
-            commands[name] = " ".join(cmd)
+            shown = ["vllm", *cmd[3:]] if cmd[1:3] == ["-c", VLLM_CLI] else cmd
+            commands[name] = " ".join(shown)
             servers[name] = Server(name, cmd, base_env, int(cmd[-1]))
         for name, server in servers.items():
             startups[name] = [server.wait_ready()]
@@ -302,6 +331,8 @@ def main() -> int:
                 for a, b in zip(runs[(r["server"], r["model"])], ref, strict=True)
             )
             r["tok_s_ratio_to_vllm_median"] = round(ratios[len(ratios) // 2], 3)
+        cpu = sorted(x["server_cpu_ms_per_token"] for x in runs[(r["server"], r["model"])])
+        r["server_cpu_ms_per_token_median"] = cpu[len(cpu) // 2]
     shutil.rmtree(adapter.parent, ignore_errors=True)
 
     now = dt.datetime.now(dt.UTC)
@@ -323,15 +354,16 @@ def main() -> int:
         f"{now:%Y-%m-%d}\n"
     )
     print(
-        "| server | model | req/s | output tok/s | vs vllm serve (tok/s, per round) | TTFT p50 ms | "
-        "TTFT p95 ms | latency p50 s |"
+        "| server | model | req/s | output tok/s | vs vllm serve (tok/s, per round) | server CPU ms/token | "
+        "TTFT p50 ms | TTFT p95 ms | latency p50 s |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         m = r["median"]
         print(
             f"| {r['server']} | {r['model']} | {m['requests_per_s']} | {m['output_tokens_per_s']} | "
-            f"{r.get('tok_s_ratio_to_vllm_median', '')}× | "
+            f"{(str(r['tok_s_ratio_to_vllm_median']) + '×') if 'tok_s_ratio_to_vllm_median' in r else '–'} | "
+            f"{r['server_cpu_ms_per_token_median']} | "
             f"{m['ttft_p50_ms']} | {m['ttft_p95_ms']} | {m['latency_p50_s']} |"
         )
     print(f"\nwritten to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")

@@ -151,3 +151,30 @@ def test_newer_peft_model_takes_over_the_live_slots():
     engine_tokens(second, PROMPT)
     with pytest.raises(LiveAdapterRevoked):
         engine_tokens(first, PROMPT)
+
+
+def test_an_unloaded_adapter_is_refused_not_reloaded(tmp_path):
+    model, tok = load_tiny_fast()
+    model = peft(model)
+    sft(model, tok, PROMPT, TARGET, steps=5)
+    model.save_lora(tmp_path / "a")
+    request = model.load_lora(tmp_path / "a")
+    engine_tokens(model, PROMPT, lora_request=request)
+    state_of(model).registry.unload(request)
+    with pytest.raises(ValueError, match="unloaded"):
+        engine_tokens(model, PROMPT, lora_request=request)
+
+
+def test_a_failing_output_consumer_ends_its_request_not_the_engine():
+    model, _ = load_tiny_fast()
+    loop = state_of(model).engine.loop
+
+    def explode(_output):
+        raise RuntimeError("consumer went away")
+
+    stream = loop.submit(PROMPT, greedy(50), on_output=explode)
+    loop.generate([PROMPT], greedy(4))  # steps the engine: the other request's consumer fails meanwhile
+    with pytest.raises(RuntimeError, match="consumer went away"):
+        stream.result(timeout=60)
+    assert engine_tokens(model, PROMPT) == engine_tokens(model, PROMPT)  # the engine still serves
+    assert loop.num_unfinished == 0

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,15 @@ def _module_dims(config: Any) -> dict[str, tuple[int, int]]:
 
 def validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: int) -> AdapterInfo:
     """Check a PEFT LoRA directory against the base model; raise :class:`AdapterError` if unusable."""
+    try:
+        return _validate_adapter_dir(path, config, max_lora_rank)
+    except AdapterError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:  # malformed config values
+        raise AdapterError(f"invalid adapter at {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: int) -> AdapterInfo:
     from safetensors import safe_open
 
     root = Path(path)
@@ -71,7 +81,7 @@ def validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: in
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not LORA")
     rank = cfg.get("r")
-    if not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"adapter rank r={rank!r} is not a positive integer")
     if rank > max_lora_rank:
         raise AdapterError(f"adapter rank {rank} exceeds max_lora_rank {max_lora_rank}")
@@ -80,6 +90,16 @@ def validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: in
     if cfg.get("modules_to_save"):
         raise AdapterError(f"modules_to_save {cfg['modules_to_save']} is not supported by the engine")
     targets = cfg.get("target_modules") or []
+    if isinstance(targets, str) and targets not in SUPPORTED_TARGETS:
+        # PEFT reads a string as a regular expression over module names: it must select some of ours
+        # (the tensors below are checked module by module either way).
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise AdapterError(f"target_modules {targets!r} is not a valid regular expression: {exc}") from exc
+        if not any(pattern.search(f"model.layers.0.x.{t}") for t in SUPPORTED_TARGETS):
+            raise AdapterError(f"target_modules {targets!r} matches none of {SUPPORTED_TARGETS}")
+        targets = []
     targets = [targets] if isinstance(targets, str) else list(targets)
     bad = [t for t in targets if t.rsplit(".", 1)[-1] not in SUPPORTED_TARGETS]
     if bad:
@@ -128,6 +148,7 @@ class AdapterRegistry:
         self.config = config
         self._ids = itertools.count(1)
         self._by_digest: dict[str, Any] = {}
+        self._unloaded: set[int] = set()
         self._lock = threading.Lock()
 
     def load(self, path: str | os.PathLike, name: str | None = None) -> Any:
@@ -140,12 +161,20 @@ class AdapterRegistry:
             if known is not None and (name is None or known.lora_name == name):
                 return known
             request = LoRARequest(name or f"{Path(info.path).name}@{info.digest[:8]}", next(self._ids), info.path)
-            self.engine.loop.call(lambda: self.engine.llm.llm_engine.add_lora(request))
-            self._by_digest[info.digest] = request
-            return request
+        # Not under the lock: a between-steps job that used the registry would otherwise deadlock.
+        self.engine.loop.call(lambda: self.engine.llm.llm_engine.add_lora(request))
+        with self._lock:
+            self._by_digest.setdefault(info.digest, request)
+        return request
 
     def unload(self, request: Any) -> None:
         """Remove an adapter from the engine (requests already running finish first)."""
         with self._lock:
             self._by_digest = {d: r for d, r in self._by_digest.items() if r.lora_int_id != request.lora_int_id}
+            self._unloaded.add(request.lora_int_id)
         self.engine.loop.call(lambda: self.engine.llm.llm_engine.remove_lora(request.lora_int_id))
+
+    def check_usable(self, request: Any) -> None:
+        """Refuse a request whose adapter was unloaded (vLLM would silently load it again from disk)."""
+        if request is not None and request.lora_int_id in self._unloaded:
+            raise ValueError(f"adapter {request.lora_name!r} was unloaded; load it again with load_lora()")

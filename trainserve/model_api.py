@@ -87,6 +87,7 @@ def fast_generate(self: Any, prompts: Any, sampling_params: Any = None, lora_req
 
     params = sampling_params if sampling_params is not None else SamplingParams()
     batch = _normalise_prompts(prompts)
+    state.registry.check_usable(lora_request)
     if lora_request is None and state.live is not None and _adapter_enabled(state.peft_model):
         lora_request = state.live.sync_request()
     standby = state.engine.standby

@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,8 +209,6 @@ class LiveAdapter:
 
     def _write(self, lora_id: int, tensors: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Copy A and B·scaling into the slot of ``lora_id``. Runs between engine steps."""
-        import time
-
         t0 = time.perf_counter()
         slot = vllm_compat.lora_slot(self.engine.lora_manager(), lora_id)
         if slot is None:
@@ -236,28 +235,32 @@ class LiveAdapter:
         version, lora_id = self._applied
         return LoRARequest(f"live@v{version}", lora_id, self._adapter_path())
 
-    def sync_request(self) -> Any:
+    def sync_request(self, timeout: float = 600.0) -> Any:
         """Training thread, between steps: make the engine's live slot equal the trainer's adapter
-        *now* and return the ``LoRARequest`` that generates with it."""
+        *now* and return the ``LoRARequest`` that generates with it.
+
+        If both slots hold requests still running on older versions (only possible while the
+        engine loop serves other threads), wait for one of them to finish."""
         self._check_owner()
 
         def sync() -> Any:
             with self._lock:
-                changed = self._detect_change()
-                if changed or self._applied is None or self._applied[0] != self.version:
+                self._detect_change()
+                if self._applied is None or self._applied[0] != self.version:
                     lora_id = self._free_slot()
-                    if lora_id is None:  # both buffers busy with requests in flight: stage instead
-                        with torch.no_grad():
-                            snap = list(zip(torch._foreach_add([t.lora_a.detach() for t in self._targets], 0),
-                                            self._scaled_b(), strict=True))
-                        self._staged = _Snapshot(self.version, snap)
-                        return self._lora_request()
+                    if lora_id is None:  # both buffers serve requests in flight: try again shortly
+                        return None
                     self._write(lora_id, None)
                     self._applied = (self.version, lora_id)
                     self._slot_version[lora_id] = self.version
                 return self._lora_request()
 
-        return self.engine.loop.call(sync)
+        deadline = time.monotonic() + timeout
+        while (request := self.engine.loop.call(sync)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no live adapter slot came free in {timeout} s: both hold requests in flight")
+            time.sleep(0.005)
+        return request
 
     def published_request(self) -> Any:
         """Any thread: the request for the newest *published* version (see :meth:`publish`)."""

@@ -48,9 +48,11 @@ class RequestStream:
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
-        if self.on_output is not None:
-            self.on_output(error)
-        self.done.set()
+        try:
+            if self.on_output is not None:
+                self.on_output(error)
+        finally:
+            self.done.set()
 
     def result(self, timeout: float | None = None) -> Any:
         """The finished ``RequestOutput`` (raises what the engine raised for this request)."""
@@ -209,7 +211,13 @@ class EngineLoop:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream._deliver(output)
+            try:
+                stream._deliver(output)
+            except Exception as exc:  # a consumer's callback failed: end that request only
+                if self._streams.pop(output.request_id, None) is not None:
+                    self.engine.abort_request([output.request_id])
+                stream.error = exc
+                stream.done.set()
         return True
 
     def start_background(self) -> None:

@@ -1,0 +1,94 @@
+"""The FastAPI app of one server: routes, OpenAI-shaped errors, API key, request accounting."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from trainserve.server import routes_admin, routes_openai
+from trainserve.server.errors import error_response, install_handlers
+from trainserve.server.state import ServerState
+
+
+class GateMiddleware:
+    """Checks the API key on every route, refuses new requests while draining, counts requests.
+
+    A pure ASGI middleware: the in-flight count covers a streamed response until its last byte,
+    which graceful shutdown waits for.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+        key = state.config.api_key
+        self._key = key.encode() if key else None
+
+    def _authorised(self, scope: Scope) -> bool:
+        if self._key is None:
+            return True
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                return hmac.compare_digest(value[7:].strip(), self._key)
+            if name == b"x-api-key":
+                return hmac.compare_digest(value.strip(), self._key)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        route = state.metrics.route_label(scope.get("path", ""))
+        if not self._authorised(scope):
+            state.metrics.requests.labels(route, "401").inc()
+            response = error_response(
+                401,
+                "Missing or invalid API key (send 'Authorization: Bearer <key>').",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        if state.draining:
+            state.metrics.requests.labels(route, "503").inc()
+            response = error_response(
+                503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"}
+            )
+            await response(scope, receive, send)
+            return
+        status = ["500"]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state.in_flight -= 1
+            state.metrics.in_flight.dec()
+            state.metrics.requests.labels(route, status[0]).inc()
+            state.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The app serving ``state`` (whose engine loop must run in background mode)."""
+    app = FastAPI(
+        title="trainserve",
+        description="OpenAI-compatible endpoint of a trainserve engine",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.server = state
+    install_handlers(app)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_admin.router)
+    app.add_middleware(GateMiddleware, state=state)
+    return app

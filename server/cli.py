@@ -1,0 +1,158 @@
+"""``trainserve serve MODEL``: the OpenAI-compatible server as a standalone process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+logger = logging.getLogger("trainserve.server")
+
+HELP = """Serve MODEL (a Qwen2/Llama checkpoint directory or hub id) and LoRA adapters over the OpenAI API.
+
+Runtime adapter loading (POST /v1/load_lora_adapter) accepts only paths inside --adapters-dir;
+without an adapters directory it is refused unless --allow-any-adapter-path is given (that lets
+any client with the API key make the server read any directory it can access)."""
+
+
+def _lora_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model and LoRA adapters over the OpenAI API",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument(
+        "--adapters-dir",
+        metavar="DIR",
+        help="serve every PEFT adapter in DIR under its sub-directory "
+        "name; new or changed adapters are picked up without a restart",
+    )
+    p.add_argument(
+        "--lora",
+        metavar="NAME=PATH",
+        action="append",
+        type=_lora_arg,
+        default=[],
+        help="serve the adapter at PATH as model NAME (repeatable)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the URL is printed)")
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every route "
+        "(default: the TRAINSERVE_API_KEY environment variable, if set)",
+    )
+    p.add_argument("--served-model-name", help="model id of the base model (default: MODEL as given)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
+    p.add_argument("--max-loras", type=int, default=4, help="adapters in one batch (engine LoRA slots)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--max-model-len", type=int, help="context length (default: min(2048, the model's))")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--allow-any-adapter-path",
+        action="store_true",
+        help="allow /v1/load_lora_adapter to load from any path (only without --adapters-dir)",
+    )
+    p.add_argument(
+        "--adapter-poll-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often --adapters-dir is checked for changes (default 1)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running requests may take to finish (default 300)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, serve until SIGTERM/SIGINT, drain, exit 0."""
+    import os
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s: %(message)s"
+    )
+    api_key = args.api_key or os.environ.get("TRAINSERVE_API_KEY") or None
+    if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
+        print(f"trainserve serve: --adapters-dir {args.adapters_dir!r} is not a directory", file=sys.stderr)
+        return 2
+    if args.adapters_dir is not None and args.allow_any_adapter_path:
+        print(
+            "trainserve serve: --allow-any-adapter-path cannot be combined with --adapters-dir",
+            file=sys.stderr,
+        )
+        return 2
+    from trainserve.server.runner import make_server, url_of
+    from trainserve.server.state import ServerConfig, ServerState
+    from transformers import AutoConfig
+
+    from trainserve import FastLanguageModel
+    from trainserve.model_api import state_of
+
+    hf_config = AutoConfig.from_pretrained(args.model)
+    max_len = args.max_model_len or min(2048, int(getattr(hf_config, "max_position_embeddings", 2048)))
+    model, _ = FastLanguageModel.from_pretrained(
+        args.model,
+        fast_inference=True,
+        load_in_4bit=False,
+        max_seq_length=max_len,
+        max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        dtype=None if args.dtype == "auto" else args.dtype,
+    )
+    mstate = state_of(model)
+    config = ServerConfig(
+        served_model_name=args.served_model_name or args.model,
+        api_key=api_key,
+        adapters_dir=args.adapters_dir,
+        allow_any_adapter_path=args.allow_any_adapter_path,
+        adapter_poll_interval=args.adapter_poll_interval,
+        max_lora_rank=args.max_lora_rank,
+        drain_timeout=args.drain_timeout,
+    )
+    state = ServerState(mstate.engine, mstate.config, config)
+    try:
+        for name, path in args.lora:
+            entry, _ = state.models.load(name, path, source="cli")
+            logger.info("serving adapter %s from %s", entry.label, path)
+    except Exception as exc:  # AdapterError, or a reserved/invalid name
+        print(f"trainserve serve: cannot serve adapter: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        state.close()
+        return 2
+    state.start()
+
+    def announce(server: Any) -> None:
+        print(
+            f"trainserve: serving {config.served_model_name} at {url_of(args.host, server.port)}", flush=True
+        )
+
+    server = make_server(state, args.host, args.port, log_level=args.log_level, on_started=announce)
+    try:
+        server.run()
+    finally:
+        state.close()
+        state.loop.stop_background(drain=True)
+    if not server.started:
+        return 1
+    logger.info("stopped%s", "" if server.drained_cleanly in (None, True) else " (drain timed out)")
+    return 0

@@ -1,0 +1,126 @@
+"""Errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error answered to the client as ``status`` with an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _TYPES.get(status, "server_error")
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
+) -> dict[str, Any]:
+    """The JSON body of an error response."""
+    return {
+        "error": {
+            "message": message,
+            "type": type_ or _TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def client_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that vLLM raises for a bad request (``VLLMValidationError`` is not a ValueError
+    in every release)."""
+    types: list[type[BaseException]] = [ValueError, TypeError]
+    try:
+        from vllm.exceptions import VLLMClientError
+
+        types.append(VLLMClientError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def from_engine_error(exc: BaseException) -> APIError:
+    """A 400 for an exception that vLLM raised while checking a request."""
+    return bad_request(str(exc), param=getattr(exc, "parameter", None))
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _param_of(loc: Any) -> str | None:
+    """``("body", "messages", 0, "role")`` → ``"messages.0.role"``, without pydantic's union-member tags."""
+    parts = []
+    for part in loc:
+        if part == "body" and not parts:
+            continue
+        if isinstance(part, int) or (
+            isinstance(part, str) and part.isidentifier() and part.lower() not in _TYPE_TAGS
+        ):
+            parts.append(str(part))
+    return ".".join(parts) or None
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Answer every error (ours, FastAPI's validation 422, Starlette's 404/405) in the OpenAI shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.status, exc.message, exc.param, exc.code, exc.type), status_code=exc.status
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        param = _param_of(first.get("loc", ()))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more)"
+        kind = str(first.get("type", ""))
+        code = "invalid_type" if kind.endswith(("_type", "_parsing", "json_invalid")) else "invalid_value"
+        return error_response(400, message, param=param, code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))

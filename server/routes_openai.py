@@ -1,0 +1,241 @@
+"""``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (SSE) and not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+from trainserve.server.errors import APIError, error_body
+from trainserve.server.generation import ClientDisconnected, RequestGroup, chat_logprobs, completion_logprobs
+from trainserve.server.sampling import chat_prompt, completion_prompts, resolve_max_tokens, sampling_params
+from trainserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+VERSION_HEADER = "x-trainserve-adapter-version"
+router = APIRouter()
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: Any = None  # completions: dict of lists; chat: list of entries
+    offset: int = 0
+    started: bool = False
+
+
+class _Run:
+    """Turns engine outputs into OpenAI response objects (``chat`` or ``completion``)."""
+
+    def __init__(
+        self,
+        state: Any,
+        body: SamplingFields,
+        chat: bool,
+        group: RequestGroup,
+        prompts: list[list[int]],
+        logprobs: int | None,
+    ):
+        self.state, self.body, self.chat, self.group = state, body, chat, group
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.logprobs = logprobs
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.choices: dict[int, _Choice] = {}
+        self.started = time.perf_counter()
+        self.first_token = False
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def _header(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.body.model,
+            "system_fingerprint": self.group.label,
+        }
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.tokens for c in self.choices.values())
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def absorb(self, prompt_index: int, output: Any) -> list[tuple[int, Any, Any, str | None]]:
+        """Record one engine output; return ``(choice, text, logprobs, finish_reason)`` per completion."""
+        deltas = []
+        tt = self.state.token_text
+        for out in output.outputs:
+            index = prompt_index * self.body.n + out.index
+            choice = self.choices.setdefault(index, _Choice())
+            choice.text.append(out.text)
+            choice.tokens += len(out.token_ids)
+            lp = None
+            if self.logprobs is not None:
+                if self.chat:
+                    lp = chat_logprobs(tt, out.token_ids, out.logprobs, self.logprobs)
+                    choice.logprobs = (choice.logprobs or []) + lp
+                else:
+                    lp, choice.offset = completion_logprobs(tt, out.token_ids, out.logprobs, choice.offset)
+                    if choice.logprobs is None:
+                        choice.logprobs = {k: [] for k in lp}
+                    for k, v in lp.items():
+                        choice.logprobs[k].extend(v)
+            if out.finish_reason == "abort":
+                raise APIError(503, "the request was aborted by the engine", code="aborted")
+            if out.finish_reason is not None:
+                choice.finish_reason = out.finish_reason
+            if out.token_ids and not self.first_token:
+                self.first_token = True
+                self.state.metrics.first_token_seconds.observe(time.perf_counter() - self.started)
+            deltas.append((index, out.text, lp, out.finish_reason))
+        return deltas
+
+    def count_tokens(self) -> None:
+        usage = self.usage()
+        m = self.state.metrics
+        m.prompt_tokens.labels(self.body.model).inc(usage["prompt_tokens"])
+        m.generation_tokens.labels(self.body.model).inc(usage["completion_tokens"])
+
+    def final(self) -> dict[str, Any]:
+        choices = []
+        for index in sorted(self.choices):
+            c = self.choices[index]
+            text = "".join(c.text)
+            if self.chat:
+                item = {
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": c.logprobs or []} if self.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                }
+            else:
+                item = {
+                    "index": index,
+                    "text": text,
+                    "logprobs": c.logprobs,
+                    "finish_reason": c.finish_reason,
+                }
+            choices.append(item)
+        return {**self._header(self.object), "choices": choices, "usage": self.usage()}
+
+    def chunk(self, index: int, text: str, lp: Any, finish: str | None) -> dict[str, Any]:
+        choice = self.choices[index]
+        if self.chat:
+            delta: dict[str, Any] = {"content": text}
+            if not choice.started:
+                delta["role"] = "assistant"
+            item = {
+                "index": index,
+                "delta": delta,
+                "logprobs": {"content": lp} if lp is not None else None,
+                "finish_reason": finish,
+            }
+        else:
+            item = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+        choice.started = True
+        chunk = {
+            **self._header("chat.completion.chunk" if self.chat else "text_completion"),
+            "choices": [item],
+        }
+        options = self.body.stream_options
+        if options is not None and options.include_usage:
+            chunk["usage"] = self.usage() if options.continuous_usage_stats else None
+        return chunk
+
+
+async def _generate(
+    request: Request,
+    body: SamplingFields,
+    chat: bool,
+    prompts: list[list[int]],
+    max_tokens: int,
+    logprobs: int | None,
+) -> Any:
+    state = request.app.state.server
+    params = sampling_params(body, max_tokens, logprobs)
+    group = RequestGroup(state, body.model)
+    await group.submit(prompts, params)
+    run = _Run(state, body, chat, group, prompts, logprobs)
+    headers = {VERSION_HEADER: group.label}
+    if not body.stream:
+        try:
+            async for prompt_index, output in group.events(request):
+                run.absorb(prompt_index, output)
+        except ClientDisconnected:
+            group.abort_nowait()
+            return JSONResponse(error_body(499, "client disconnected"), status_code=499)
+        except BaseException:
+            group.abort_nowait()
+            raise
+        finally:
+            run.count_tokens()
+        return JSONResponse(run.final(), headers=headers)
+    return EventSourceResponse(_stream(run), headers=headers, sep="\n", ping=15)
+
+
+async def _stream(run: _Run) -> Any:
+    group = run.group
+    finished = False
+    try:
+        async for prompt_index, output in group.events():
+            for index, text, lp, finish in run.absorb(prompt_index, output):
+                yield json.dumps(run.chunk(index, text, lp, finish), separators=(",", ":"))
+        options = run.body.stream_options
+        if options is not None and options.include_usage:
+            yield json.dumps(
+                {
+                    **run._header(f"{run.object}.chunk" if run.chat else run.object),
+                    "choices": [],
+                    "usage": run.usage(),
+                },
+                separators=(",", ":"),
+            )
+        finished = True
+    except APIError as exc:
+        yield json.dumps(error_body(exc.status, exc.message, exc.param, exc.code, exc.type))
+    except Exception as exc:  # the engine failed this request
+        yield json.dumps(error_body(500, f"generation failed: {exc}", code="engine_error"))
+    finally:
+        if not finished:
+            group.abort_nowait()
+        run.count_tokens()
+    yield "[DONE]"
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = request.app.state.server
+    state.models.require(body.model)
+    prompts = await asyncio.to_thread(completion_prompts, body, state.tokenizer, state.vocab_size)
+    max_tokens = resolve_max_tokens(
+        body.max_tokens, [len(p) for p in prompts], state.max_model_len, "max_tokens", "prompt"
+    )
+    return await _generate(request, body, False, prompts, max_tokens, body.logprobs)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = request.app.state.server
+    state.models.require(body.model)
+    prompt = await asyncio.to_thread(chat_prompt, body, state.tokenizer)
+    requested, param = body.max_tokens, "max_tokens"
+    if body.max_completion_tokens is not None:
+        requested, param = body.max_completion_tokens, "max_completion_tokens"
+    max_tokens = resolve_max_tokens(requested, [len(prompt)], state.max_model_len, param, "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return await _generate(request, body, True, [prompt], max_tokens, logprobs)

@@ -1,0 +1,236 @@
+"""Helpers for the server tests: small PEFT adapters of the tiny model and real server processes.
+
+One server process (``shared_server``) is started per pytest process, the first time a test asks
+for it, and stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ("Hello there", "Once upon a time", "The quick brown", "In the garden")
+TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+def make_adapter(
+    out_dir: str | os.PathLike,
+    seed: int,
+    rank: int = 8,
+    scale: float = 0.3,
+    targets: tuple[str, ...] = TARGETS,
+) -> str:
+    """Save a PEFT LoRA adapter of the tiny model with random non-zero A and B (seeded)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainserve import tiny_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+@dataclass
+class ServerProcess:
+    """A ``trainserve serve`` child process."""
+
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+    model: str
+    adapters_dir: Path | None
+    api_key: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers(), timeout=timeout)
+
+    def openai(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=self.api_key or "unused", max_retries=0, **kwargs
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_server(
+    extra_args: list[str],
+    adapters_dir: Path | None = None,
+    api_key: str | None = None,
+    timeout: float = 240.0,
+) -> ServerProcess:
+    """Start ``python -m trainserve.cli serve <tiny> ... --port 0`` and wait for /health."""
+    from trainserve import tiny_model
+
+    model = tiny_model()
+    log_dir = Path(tempfile.mkdtemp(prefix="trainserve-server-log-"))
+    log_path = log_dir / "server.log"
+    args = [
+        sys.executable,
+        "-m",
+        "trainserve.cli",
+        "serve",
+        model,
+        "--port",
+        "0",
+        "--max-model-len",
+        "256",
+        "--max-lora-rank",
+        "16",
+        "--log-level",
+        "info",
+        *extra_args,
+    ]
+    if adapters_dir is not None:
+        args += ["--adapters-dir", str(adapters_dir)]
+    if api_key is not None:
+        args += ["--api-key", api_key]
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    deadline = time.monotonic() + timeout
+    url = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        match = re.search(r"serving .* at (http://\S+)", log_path.read_text(errors="replace"))
+        if match:
+            url = match.group(1)
+            break
+        time.sleep(0.25)
+    if url is None:
+        proc.kill()
+        raise RuntimeError(f"server did not start in {timeout} s:\n{log_path.read_text()[-4000:]}")
+    server = ServerProcess(proc, url, log_path, model, adapters_dir, api_key)
+    with server.client() as c:
+        assert c.get("/health").status_code == 200
+    return server
+
+
+_SHARED: dict[str, object] = {}
+
+
+def shared_server(config) -> ServerProcess:
+    """The session's shared server (adapters ``a1``, ``a2`` in its adapters dir; fast polling)."""
+    if "server" not in _SHARED:
+        root = Path(tempfile.mkdtemp(prefix="trainserve-shared-"))
+        adapters = root / "adapters"
+        adapters.mkdir()
+        make_adapter(adapters / "a1", seed=1)
+        make_adapter(adapters / "a2", seed=2)
+        server = start_server(["--adapter-poll-interval", "0.2"], adapters_dir=adapters)
+        _SHARED["server"] = server
+
+        def cleanup() -> None:
+            server.stop()
+            shutil.rmtree(root, ignore_errors=True)
+
+        config.add_cleanup(cleanup)
+    return _SHARED["server"]  # type: ignore[return-value]
+
+
+def complete(
+    client: httpx.Client, model: str, prompt: str = PROMPTS[0], max_tokens: int = 12, **extra
+) -> dict:
+    """A greedy non-streaming completion (raises on an HTTP error)."""
+    r = client.post(
+        "/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def bad_adapter(good: str | os.PathLike, out_dir: str | os.PathLike, kind: str) -> str:
+    """A broken copy of the adapter ``good``: ``kind`` says how it is broken."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out_dir)
+    shutil.copytree(good, out)
+    cfg_path, weights = out / "adapter_config.json", out / "adapter_model.safetensors"
+    cfg = json.loads(cfg_path.read_text())
+    tensors = load_file(str(weights))
+    first_a = next(k for k in tensors if "lora_A" in k)
+    if kind == "rank":  # r=32 > --max-lora-rank 16, tensors consistent with it
+        cfg["r"] = cfg["lora_alpha"] = 32
+        tensors = {
+            k: (torch.randn(32, v.shape[1]) if "lora_A" in k else torch.randn(v.shape[0], 32)) * 0.1
+            for k, v in tensors.items()
+        }
+    elif kind == "targets":
+        cfg["target_modules"] = ["q_proj", "attn_c_proj"]
+    elif kind == "shape":
+        tensors[first_a] = torch.randn(tensors[first_a].shape[0], tensors[first_a].shape[1] + 8)
+    elif kind == "nan":
+        tensors[first_a][0, 0] = float("nan")
+    elif kind == "inf":
+        tensors[next(k for k in tensors if "lora_B" in k)][1, 1] = float("inf")
+    elif kind == "no_weights":
+        weights.unlink()
+        tensors = None
+    elif kind == "no_config":
+        cfg_path.unlink()
+        cfg = None
+    elif kind == "corrupt_weights":
+        weights.write_bytes(weights.read_bytes()[:200])
+        tensors = None
+    elif kind == "corrupt_config":
+        cfg_path.write_text('{"r": 8, "target_modules": ')
+        cfg = None
+    elif kind == "bad_alpha":
+        cfg["lora_alpha"] = "lots"
+    else:
+        raise ValueError(kind)
+    if cfg is not None:
+        cfg_path.write_text(json.dumps(cfg))
+    if tensors is not None:
+        save_file(tensors, str(weights))
+    return str(out)

@@ -1,0 +1,135 @@
+"""A second server process: API key on every route, --lora, no runtime loading without an adapters
+dir, and graceful shutdown on SIGTERM (running requests finish, exit status 0)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_support import PROMPTS, REPO, make_adapter, start_server
+
+pytestmark = pytest.mark.engine
+
+KEY = "sk-test-7f3a"
+ROUTES = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/no/such/route"),
+]
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    root = Path(tempfile.mkdtemp(prefix="trainserve-keyed-"))
+    make_adapter(root / "mine", seed=7)
+    server = start_server(["--lora", f"mine={root / 'mine'}"], api_key=KEY)
+    yield server
+    server.stop()
+
+
+def test_api_key_required_on_every_route(keyed_server):
+    body = {"model": keyed_server.model, "prompt": "x", "messages": [], "lora_name": "x", "lora_path": "x"}
+    with httpx.Client(base_url=keyed_server.url, timeout=30) as anon:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            for method, path in ROUTES:
+                r = anon.request(method, path, json=body if method == "POST" else None, headers=headers)
+                assert r.status_code == 401, (method, path, headers, r.status_code)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+    with keyed_server.client() as ok:
+        assert ok.get("/health").status_code == 200 and ok.get("/metrics").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_cli_lora_is_served(keyed_server):
+    client = keyed_server.openai()
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["mine"].model_extra["version"] == "mine@v1"
+    base = client.completions.create(
+        model=keyed_server.model, prompt=PROMPTS[0], max_tokens=12, temperature=0
+    )
+    mine = client.completions.create(model="mine", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert mine.system_fingerprint == "mine@v1" and mine.choices[0].text != base.choices[0].text
+
+
+def test_runtime_loading_refused_without_adapters_dir(keyed_server, tmp_path):
+    make_adapter(tmp_path / "x", seed=8)
+    with keyed_server.client() as c:
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "x")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_loading_disabled"
+        assert "x" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+
+
+def test_sigterm_drains_running_requests_and_exits_0(keyed_server):
+    received: list[dict] = []
+    done = threading.Event()
+    first = threading.Event()
+    errors: list[BaseException] = []
+
+    def stream() -> None:
+        body = {
+            "model": "mine",
+            "prompt": PROMPTS[0],
+            "max_tokens": 240,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            with keyed_server.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        received.append({"done": True} if line == "data: [DONE]" else json.loads(line[6:]))
+                        first.set()
+        except BaseException as exc:  # reported by the assertions below
+            errors.append(exc)
+        finally:
+            done.set()
+            first.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    assert first.wait(60)
+    keyed_server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.TransportError):  # no longer accepting connections
+        with keyed_server.client() as c:
+            c.get("/health")
+    assert done.wait(120)
+    worker.join()
+    assert not errors, errors
+    assert received[-1] == {"done": True}
+    chunks = [r for r in received if r.get("choices")]
+    assert received[-2]["usage"]["completion_tokens"] == 240  # the request ran to its end
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert keyed_server.proc.wait(60) == 0
+    assert "SIGTERM: finishing 1 running request(s)" in keyed_server.log()
+
+
+def test_bad_cli_arguments_exit_2(tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "trainserve.cli",
+        "serve",
+        "some-model",
+        "--adapters-dir",
+        str(tmp_path / "nope"),
+    ]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not a directory" in result.stderr

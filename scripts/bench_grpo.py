@@ -35,6 +35,18 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("trainserve", "trl_vllm_colocate", "trl_transformers")
+NOTES = (
+    "Same tiny Qwen2 (fp32 checkpoint), LoRA r=16/alpha=32 on all 7 linear modules, toy task, 4 prompts x 8 "
+    "generations x max 16 tokens per step, lr 5e-3, seed 0, bf16=False, no gradient checkpointing.",
+    "trainserve: rollouts in the colocated engine that owns the base weights, adapter copied into its LoRA "
+    "slot in memory (unmerged LoRA compute in vLLM), fp32.",
+    "trl_vllm_colocate: TRL's own in-process vLLM (a second copy of the weights; vLLM chose bf16 on this CPU, "
+    "TRL passes no dtype); before each rollout TRL merges the adapter and loads every weight into vLLM, and "
+    "it runs an extra forward pass per step for its importance-sampling correction.",
+    "trl_transformers: model.generate; no engine, no KV cache pool (hence the lower RSS).",
+    "Rates leave out the first 3 steps; the machine's 2 cores are shared with other jobs, so medians of "
+    "3 interleaved rounds are reported.",
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETTINGS = dict(num_generations=8, per_device_train_batch_size=32, max_completion_length=16,
                 learning_rate=5e-3, lora_rank=16, lora_alpha=32, seed=0, temperature=1.0, max_seq_length=256)
@@ -93,8 +105,40 @@ def _build(variant: str, model_path: str, out: str, steps: int) -> Any:
         cls, args = _timed_trainer_class(trl.GRPOTrainer), _config(out, steps, **extra)
         peft_config = LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"], target_modules=TARGETS,
                                  task_type="CAUSAL_LM")
-    return cls(model=model, reward_funcs=toy_reward_funcs(tok), args=args, train_dataset=toy_dataset(256),
+    return cls(model=model, reward_funcs=toy_reward_funcs(), args=args, train_dataset=toy_dataset(256),
                processing_class=tok, peft_config=peft_config)
+
+
+def lora_overhead(model_path: str, out_json: str, reps: int = 12) -> None:
+    """Diagnostic: one rollout's shape (4 prompts x 8 samples x 16 tokens) through the engine with the
+    live adapter and with ``disable_adapter()`` (no LoRA compute), median ms of each."""
+    from vllm import SamplingParams
+
+    from trainserve import FastLanguageModel
+
+    s = SETTINGS
+    model, tok = FastLanguageModel.from_pretrained(
+        model_path, max_seq_length=s["max_seq_length"], load_in_4bit=False, fast_inference=True,
+        gpu_memory_utilization=0.3, max_lora_rank=s["lora_rank"])
+    model = FastLanguageModel.get_peft_model(model, r=s["lora_rank"], lora_alpha=s["lora_alpha"],
+                                             target_modules=TARGETS)
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True))["input_ids"]
+               for q in ("What color is the sky?", "Tell me a joke.", "What is two plus two?", "Name a number.")]
+    params = SamplingParams(n=8, max_tokens=16, min_tokens=16, logprobs=0)
+    result = {}
+    for label, adapter in (("live_adapter_ms", True), ("adapter_disabled_ms", False)):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            if adapter:
+                model.fast_generate(prompts, sampling_params=params)
+            else:
+                with model.disable_adapter():
+                    model.fast_generate(prompts, sampling_params=params)
+            times.append(time.perf_counter() - t0)
+        result[label] = round(statistics.median(times[2:]) * 1e3, 1)
+    Path(out_json).write_text(json.dumps(result))
 
 
 def worker(variant: str, model_path: str, steps: int, warmup: int, out_json: str) -> None:
@@ -183,10 +227,13 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per variant")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*VARIANTS, "lora_overhead"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "lora_overhead":
+        lora_overhead(args.model, args.json)
+        return 0
     if args.worker:
         worker(args.worker, args.model, args.steps, args.warmup, args.json)
         return 0
@@ -217,6 +264,15 @@ def main() -> int:
             print(json.dumps({k: v for k, v in result.items() if k not in ("traceback", "step_seconds")}),
                   flush=True)
     summary = summarise(results)
+    diagnostics: dict[str, Any] = {}
+    if "trainserve" in args.variants:
+        tmp = out_dir / ".grpo_lora_overhead.json"
+        cmd = [sys.executable, __file__, "--worker", "lora_overhead", "--model", model_path, "--json", str(tmp)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        diagnostics["engine_lora_overhead"] = (json.loads(tmp.read_text()) if tmp.exists()
+                                               else {"error": proc.stderr[-2000:]})
+        tmp.unlink(missing_ok=True)
+        print(json.dumps(diagnostics), flush=True)
     report = {
         "date": date, "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
@@ -224,12 +280,19 @@ def main() -> int:
         "settings": {**SETTINGS, "steps": args.steps, "warmup_steps_excluded": args.warmup,
                      "model": "tiny Qwen2"},
         "summary": summary,
+        "diagnostics": diagnostics,
+        "notes": NOTES,
         "results": results,
     }
     table = _table(summary)
     (out_dir / f"grpo_cpu_{date}.json").write_text(json.dumps(report, indent=2))
+    lora = diagnostics.get("engine_lora_overhead", {})
+    extra = (f"\nOne rollout (32 x 16 tokens) in the trainserve engine: {lora['live_adapter_ms']} ms with the "
+             f"live LoRA adapter, {lora['adapter_disabled_ms']} ms with it disabled.\n"
+             if "live_adapter_ms" in lora else "")
+    notes = "\n".join(f"- {n}" for n in NOTES)
     (out_dir / f"grpo_cpu_{date}.md").write_text(
-        f"# GRPO on the tiny model, CPU ({date})\n\n`{report['command']}`\n\n{table}\n")
+        f"# GRPO on the tiny model, CPU ({date})\n\n`{report['command']}`\n\n{table}\n{extra}\n{notes}\n")
     print(table)
     return 0
 

@@ -58,6 +58,7 @@ class LivePublisher:
             return
         try:
             if self._holds_live(optimizer, live):
+                live.mark_stepped()  # whatever order the global hooks run in
                 self.publish()
         except Exception:  # never break the training step
             logger.exception("publishing the live adapter failed")

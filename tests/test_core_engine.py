@@ -178,3 +178,21 @@ def test_a_failing_output_consumer_ends_its_request_not_the_engine():
         stream.result(timeout=60)
     assert engine_tokens(model, PROMPT) == engine_tokens(model, PROMPT)  # the engine still serves
     assert loop.num_unfinished == 0
+
+
+def test_fused_optimizer_steps_reach_the_engine():
+    """Fused AdamW writes parameters without bumping their version counters."""
+    model, tok = load_tiny_fast()
+    model = peft(model)
+    before = engine_tokens(model, PROMPT)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.AdamW(params, lr=3e-3, fused=True)
+    except RuntimeError as exc:  # a torch build without the fused CPU kernel
+        pytest.skip(f"fused AdamW unavailable: {exc}")
+    versions = [p._version for p in params]
+    sft(model, tok, PROMPT, TARGET, steps=30, optimizer=opt)
+    if [p._version for p in params] != versions:
+        pytest.skip("this torch's fused AdamW bumps version counters; nothing to test")
+    after = engine_tokens(model, PROMPT)
+    assert after != before and after == hf_tokens(model, tok, PROMPT)

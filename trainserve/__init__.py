@@ -12,7 +12,7 @@ apply_env_defaults()
 from trainserve.loader import FastLanguageModel  # noqa: E402
 from trainserve.tiny import tiny_model  # noqa: E402
 
-__all__ = ["FastLanguageModel", "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
+__all__ = ["FastLanguageModel", "GRPOTrainer", "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
 __version__ = "0.1.0"
 
 
@@ -29,6 +29,10 @@ def __getattr__(name: str):
         from vllm import SamplingParams
 
         return SamplingParams
+    if name == "GRPOTrainer":
+        from trainserve.rl.trainer import GRPOTrainer
+
+        return GRPOTrainer
     if name == "LoRARequest":
         from vllm.lora.request import LoRARequest
 

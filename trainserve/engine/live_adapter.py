@@ -6,8 +6,11 @@ flight never sees half an update and finishes on the version it started with. Ea
 sent to vLLM under its own LoRA *name* (``live@v<N>``), which is part of vLLM's prefix-cache key:
 KV computed with an older version is never reused for a newer one.
 
-Change detection is free: an optimizer step updates parameters in place, which bumps each
-tensor's version counter; ``(tensor._version, data_ptr)`` of every LoRA parameter is the marker.
+Change detection costs nothing per step: an in-place update bumps each tensor's version counter,
+so ``(tensor._version, data_ptr)`` of every LoRA parameter is the marker. Fused optimizers
+(``torch.optim.AdamW(fused=True)``, the transformers default on torch ≥ 2.8) write parameters
+without bumping those counters, so a global optimizer post-step hook also counts every step of
+an optimizer that holds live-adapter parameters, and that count is part of the marker.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from trainserve.engine import vllm_compat
 from trainserve.engine.launch import LIVE_LORA_IDS, Engine
@@ -34,6 +39,18 @@ HF_TO_ENGINE = {
     "up_proj": ("gate_up_proj", 1),
     "down_proj": ("down_proj", 0),
 }
+
+
+_LIVE_ADAPTERS: weakref.WeakSet[LiveAdapter] = weakref.WeakSet()
+
+
+def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    for live in list(_LIVE_ADAPTERS):
+        if live.holds(optimizer):
+            live.mark_stepped()
+
+
+_STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 class LiveAdapterRevoked(RuntimeError):
@@ -73,9 +90,13 @@ class LiveAdapter:
         self._slot_version = {lora_id: -1 for lora_id in LIVE_LORA_IDS}
         self._applied: tuple[int, int] | None = None  # (version, lora id) now served
         self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._steps = 0  # optimizer steps seen by the global hook (fused optimizers skip _version)
+        self._optimizers: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+        self._param_ids = frozenset(id(p) for t in self._targets for p in (t.lora_a, t.lora_b))
         self.last_update_ms = 0.0
         self.updates = 0
         self._register_slots()
+        _LIVE_ADAPTERS.add(self)
 
     # ----------------------------------------------------------- set-up
     def _collect_targets(self) -> list[_Target]:
@@ -137,9 +158,22 @@ class LiveAdapter:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # ------------------------------------------------------- change tracking
+    def holds(self, optimizer: Any) -> bool:
+        """True when ``optimizer`` updates parameters of this adapter (cached per optimizer)."""
+        cached = self._optimizers.get(optimizer)
+        n_groups = len(optimizer.param_groups)
+        if cached is None or cached[0] != n_groups:
+            found = any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+            cached = self._optimizers[optimizer] = (n_groups, found)
+        return cached[1]
+
+    def mark_stepped(self) -> None:
+        """Record that an optimizer changed the adapter (needed for fused optimizers)."""
+        self._steps += 1
+
     def _current_marker(self) -> tuple:
-        return tuple((t.lora_a._version, t.lora_a.data_ptr(), t.lora_b._version, t.lora_b.data_ptr())
-                     for t in self._targets)
+        return (self._steps, *((t.lora_a._version, t.lora_a.data_ptr(), t.lora_b._version, t.lora_b.data_ptr())
+                               for t in self._targets))
 
     def _check_owner(self) -> None:
         if not self._targets or self.engine.live_owner is not self:

@@ -1,0 +1,197 @@
+"""``trainserve grpo``: GRPO on the built-in toy task with rollouts from the colocated engine.
+
+Writes ``<out>/metrics.jsonl`` (one line per step), ``<out>/reward.png``, ``<out>/summary.json``,
+atomic ``<out>/checkpoint-<step>`` directories (``--save-every``), and the final adapter in
+``<out>/adapter``. ``--resume`` continues from the last complete checkpoint; ``--serve-port``
+serves the live adapter over the OpenAI-compatible HTTP API while training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import warnings
+from typing import Any
+
+
+class GRPORunError(RuntimeError):
+    """A usage problem of ``trainserve grpo`` (reported without a traceback)."""
+
+
+def _start_server(model: Any, host: str, port: int) -> Any:
+    """``model.serve(..., background=True)`` with a clear message when the server extra is missing."""
+    try:
+        return model.serve(host=host, port=port, background=True)
+    except ImportError as exc:
+        raise GRPORunError(
+            f"--serve-port needs trainserve's HTTP server (trainserve.server.embed), which failed to import: "
+            f"{exc}. Install the server dependencies (pip install 'trainserve[cpu]' or '[gpu]') or drop "
+            "--serve-port.") from exc
+
+
+def _summary(metrics: list[dict[str, Any]], first_step: int, seconds: float) -> dict[str, Any]:
+    ran = [r for r in metrics if r["step"] > first_step]
+    rewards = [r["reward_mean"] for r in metrics if "reward_mean" in r]
+    k = max(1, min(5, len(rewards) // 4))
+    tok_s = [r["rollout_tokens_per_s"] for r in ran if "rollout_tokens_per_s" in r]
+    swap = [r["adapter_swap_ms"] for r in ran if r.get("adapter_swap_ms")]
+    return {
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "steps_this_run": len(ran),
+        "train_seconds": round(seconds, 2),
+        "steps_per_min": round(len(ran) / seconds * 60, 2) if seconds > 0 and ran else None,
+        "rollout_tokens_per_s_median": round(statistics.median(tok_s), 1) if tok_s else None,
+        "adapter_swap_ms_median": round(statistics.median(swap), 3) if swap else None,
+        f"reward_first_{k}": round(statistics.fmean(rewards[:k]), 4) if rewards else None,
+        f"reward_last_{k}": round(statistics.fmean(rewards[-k:]), 4) if rewards else None,
+    }
+
+
+def run_grpo(
+    out: str,
+    model_path: str | None = None,
+    steps: int = 60,
+    seed: int = 0,
+    lr: float = 5e-3,
+    num_generations: int = 8,
+    batch_size: int = 32,
+    max_completion_length: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    beta: float = 0.0,
+    lora_rank: int = 16,
+    target_word: str = "blue",
+    plain_text: bool = False,
+    save_every: int = 20,
+    keep_checkpoints: int | None = 2,
+    resume: bool = False,
+    serve_port: int | None = None,
+    serve_host: str = "127.0.0.1",
+    max_seq_length: int = 256,
+    gpu_memory_utilization: float = 0.3,
+    plot: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the toy task with :class:`trainserve.rl.GRPOTrainer`; return the run summary."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from trainserve import FastLanguageModel, tiny_model
+    from trainserve.rl import checkpoint as ckpt
+    from trainserve.rl.metrics import (
+        METRICS_FILE,
+        PLOT_FILE,
+        MetricsLogger,
+        RewardProgressBar,
+        plot_rewards,
+        read_metrics,
+    )
+    from trainserve.rl.rewards import completion_text
+    from trainserve.rl.toy_task import toy_config, toy_dataset, toy_reward_funcs
+    from trainserve.rl.trainer import GRPOTrainer
+
+    os.makedirs(out, exist_ok=True)
+    last = ckpt.latest_checkpoint(out)
+    if last is not None and not resume:
+        raise GRPORunError(f"{out} already holds checkpoints ({os.path.basename(last)}); pass --resume to "
+                           "continue that run or choose another --out")
+    if resume and last is None:
+        warnings.warn(f"--resume: no checkpoint in {out}, starting from step 0", UserWarning, stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the one-time "no CUDA, loading 16-bit" notice
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_path or tiny_model(), max_seq_length=max_seq_length, load_in_4bit=True, fast_inference=True,
+            gpu_memory_utilization=gpu_memory_utilization, max_lora_rank=lora_rank)
+    model = FastLanguageModel.get_peft_model(model, r=lora_rank, lora_alpha=2 * lora_rank, random_state=seed)
+    config = toy_config(
+        out, steps=steps, seed=seed, learning_rate=lr, num_generations=num_generations,
+        per_device_train_batch_size=batch_size, max_completion_length=max_completion_length,
+        temperature=temperature, top_p=top_p, beta=beta,
+        save_strategy="steps" if save_every > 0 else "no", save_steps=max(save_every, 1),
+        save_total_limit=keep_checkpoints or None, disable_tqdm=True)
+    dataset = toy_dataset(max(256, steps * batch_size // num_generations), conversational=not plain_text)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=toy_reward_funcs(target_word), args=config,
+        train_dataset=dataset, processing_class=tokenizer, callbacks=[MetricsLogger(out)])
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    if progress:
+        trainer.add_callback(RewardProgressBar())
+    server = None
+    if serve_port is not None:
+        server = _start_server(model, serve_host, serve_port)
+        print(f"serving the live adapter at {getattr(server, 'url', f'http://{serve_host}:{serve_port}')} "
+              "(model name 'live')", flush=True)
+    start_step = ckpt.checkpoint_step(last) if (resume and last) else 0
+    t0 = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=last if resume else None)
+    finally:
+        if server is not None:
+            server.stop()
+    seconds = time.perf_counter() - t0
+    model.save_lora(os.path.join(out, "adapter"))
+    metrics_path = os.path.join(out, METRICS_FILE)
+    summary = _summary(read_metrics(metrics_path), start_step, seconds)
+    summary.update(resumed_from=start_step or None, target_word=target_word,
+                   samples=[completion_text(c) for c in list(trainer._logs["completion"])[-3:]])
+    if plot:
+        title = f"GRPO toy task: mention '{target_word}', exactly once"
+        summary["plot"] = plot_rewards(metrics_path, os.path.join(out, PLOT_FILE), title=title)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def register(subparsers: Any) -> None:
+    """Add ``trainserve grpo``."""
+    p = subparsers.add_parser("grpo", help="GRPO on a built-in toy task, rollouts from the colocated engine",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory (default: the embedded tiny Qwen2)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps (total, also when resuming)")
+    p.add_argument("--out", default="runs/grpo-toy", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps and at the end (0: none)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (0: all)")
+    p.add_argument("--serve-port", type=int, default=None, help="serve the live adapter over HTTP here")
+    p.add_argument("--serve-host", default="127.0.0.1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32, help="completions per step (prompts x generations)")
+    p.add_argument("--max-completion-length", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--target-word", default="blue")
+    p.add_argument("--plain-text", action="store_true", help="plain-text prompts instead of chat messages")
+    p.add_argument("--max-seq-length", type=int, default=256)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--no-plot", action="store_true", help="skip reward.png")
+    p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logging")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if args.save_every < 0:
+        raise SystemExit("--save-every must be >= 0")
+    try:
+        summary = run_grpo(
+            args.out, model_path=args.model, steps=args.steps, seed=args.seed, lr=args.lr,
+            num_generations=args.num_generations, batch_size=args.batch_size,
+            max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+            beta=args.beta, lora_rank=args.lora_rank, target_word=args.target_word,
+            plain_text=args.plain_text, save_every=args.save_every,
+            keep_checkpoints=args.keep_checkpoints, resume=args.resume, serve_port=args.serve_port,
+            serve_host=args.serve_host, max_seq_length=args.max_seq_length,
+            gpu_memory_utilization=args.gpu_memory_utilization, plot=not args.no_plot)
+    except GRPORunError as exc:
+        print(f"trainserve grpo: {exc}")
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0

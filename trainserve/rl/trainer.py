@@ -1,0 +1,243 @@
+"""``GRPOTrainer``: TRL's GRPO trainer with rollouts from the colocated engine and the live adapter.
+
+Only TRL's generation hook (``_generate_single_turn``) is replaced: every rollout is sampled by the
+process's vLLM engine through ``model.fast_generate``, which first copies the trainer's current
+LoRA weights into the engine's live slot in memory (no disk, no merge, no second engine). TRL's
+tokenisation, reward computation, advantages and loss are used unchanged, so configuration is a
+plain ``trl.GRPOConfig``.
+
+Models without a colocated engine (``fast_inference=False``, a path, a plain transformers model)
+fall back to TRL's own transformers generation with a warning, so the class stays a drop-in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from typing import Any
+
+import torch
+import trl
+from transformers import TrainerCallback
+
+from trainserve.model_api import state_of
+from trainserve.rl import checkpoint as ckpt
+from trainserve.rl.rewards import check_model_rewards, checked_reward_func
+
+__all__ = ["GRPOTrainer"]
+
+
+def _lora_kwargs(peft_config: Any) -> dict[str, Any]:
+    """``FastLanguageModel.get_peft_model`` arguments equivalent to a ``peft.LoraConfig``."""
+    from peft import LoraConfig
+
+    if not isinstance(peft_config, LoraConfig):
+        raise NotImplementedError(
+            f"the colocated engine serves LoRA adapters only; got peft_config={type(peft_config).__name__}")
+    targets = peft_config.target_modules
+    return dict(
+        r=peft_config.r, lora_alpha=peft_config.lora_alpha, lora_dropout=peft_config.lora_dropout,
+        target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        bias=peft_config.bias, use_rslora=peft_config.use_rslora,
+        layers_to_transform=peft_config.layers_to_transform, layers_pattern=peft_config.layers_pattern,
+        init_lora_weights=peft_config.init_lora_weights,
+    )
+
+
+def _group_runs(prompt_ids: list[list[int]], n: int) -> list[tuple[list[int], int]]:
+    """``(prompt, count)`` runs: TRL repeats each prompt ``n`` times in a row, which becomes one request
+    with ``SamplingParams(n=n)`` (one prefill); anything else is one request per prompt."""
+    if n > 1 and len(prompt_ids) % n == 0 and all(
+            list(prompt_ids[i]) == list(prompt_ids[i - i % n]) for i in range(len(prompt_ids))):
+        return [(list(prompt_ids[i]), n) for i in range(0, len(prompt_ids), n)]
+    return [(list(p), 1) for p in prompt_ids]
+
+
+def _sampled_logprobs(completion: Any) -> list[float | None]:
+    if completion.logprobs is None:
+        raise RuntimeError("the engine returned no logprobs although SamplingParams(logprobs=0) asked")
+    out: list[float | None] = []
+    for token, entry in zip(completion.token_ids, completion.logprobs, strict=True):
+        lp = entry.get(token) if entry else None
+        out.append(None if lp is None else float(lp.logprob))
+    return out
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """Drop-in ``trl.GRPOTrainer`` whose rollouts come from the colocated engine with the live adapter.
+
+    Pass a model from ``FastLanguageModel.from_pretrained(..., fast_inference=True)``, either already
+    wrapped by ``FastLanguageModel.get_peft_model`` or together with a ``peft_config`` (a
+    ``LoraConfig``, applied through ``get_peft_model`` so the engine serves it). ``num_generations``,
+    ``max_completion_length``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+    ``repetition_penalty`` and ``generation_kwargs`` (as vLLM ``SamplingParams`` fields) come from
+    ``args``. ``args.use_vllm`` must stay ``False``: the engine is already colocated.
+
+    Each rollout is seeded from ``(args.seed, global_step, call, prompt)``, so a seeded run samples
+    the same completions again, and a resumed run continues as the uninterrupted one would.
+    Reward functions are validated (see :mod:`trainserve.rl.rewards`); checkpoints are atomic and
+    resuming loads the adapter in place (see :mod:`trainserve.rl.checkpoint`).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: trl.GRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        reward_processing_classes: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tools: list[Any] | None = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
+    ):
+        if args is not None and not isinstance(args, trl.GRPOConfig):
+            raise TypeError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
+        if args is not None and args.use_vllm:
+            raise ValueError(
+                "GRPOConfig(use_vllm=True) asks TRL to start its own vLLM, but trainserve's GRPOTrainer "
+                "already generates with the colocated engine that shares the model's weights. Leave "
+                "use_vllm=False (the default): rollouts use model.fast_generate with the live adapter.")
+        state = None if isinstance(model, str) else state_of(model)
+        if state is None:
+            warnings.warn(
+                "trainserve.GRPOTrainer: the model has no colocated vLLM engine (load it with "
+                "FastLanguageModel.from_pretrained(..., fast_inference=True)); falling back to TRL's own "
+                "transformers generation, which is much slower.", UserWarning, stacklevel=2)
+        else:
+            model, peft_config = self._prepare_fast_model(model, state, peft_config)
+            if args is not None and args.use_transformers_continuous_batching:
+                raise ValueError("use_transformers_continuous_batching=True conflicts with the colocated "
+                                 "engine, which generates every rollout; leave it False")
+            if args is not None and args.bf16 and not torch.cuda.is_available():
+                warnings.warn(
+                    "GRPOConfig(bf16=True) on CPU trains under bf16 autocast while the engine samples in the "
+                    "model's dtype; pass bf16=False for matching rollout and training logprobs (and speed).",
+                    UserWarning, stacklevel=2)
+            if processing_class is None:
+                processing_class = state.tokenizer
+        self._engine_state = state
+        self._fast_model = model if state is not None else None
+        self._seed_step, self._seed_calls = -1, 0
+        super().__init__(
+            model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes, callbacks=callbacks, optimizers=optimizers,
+            quantization_config=quantization_config, peft_config=peft_config, tools=tools,
+            rollout_func=rollout_func, environment_factory=environment_factory,
+        )
+        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
+            if not isinstance(func, torch.nn.Module):
+                self.reward_funcs[i] = checked_reward_func(func, name)
+
+    @staticmethod
+    def _prepare_fast_model(model: Any, state: Any, peft_config: Any) -> tuple[Any, Any]:
+        from trainserve.engine.live_adapter import LiveAdapterRevoked
+        from trainserve.loader import FastLanguageModel
+
+        if not hasattr(model, "peft_config"):
+            if peft_config is None:
+                raise ValueError(
+                    "GRPO with the colocated engine trains a LoRA adapter: wrap the model with "
+                    "FastLanguageModel.get_peft_model(model, ...) or pass peft_config=LoraConfig(...)")
+            model = FastLanguageModel.get_peft_model(model, **_lora_kwargs(peft_config))
+            return model, None
+        if peft_config is not None:
+            raise ValueError("the model already has a PEFT adapter; do not pass peft_config as well")
+        if state.live is None or state.peft_model is not model:
+            raise ValueError(
+                "the model's adapter is not the engine's live adapter: create it with "
+                "FastLanguageModel.get_peft_model (not peft.get_peft_model) so rollouts use it")
+        if state.live.engine.live_owner is not state.live:
+            raise LiveAdapterRevoked(
+                "a newer FastLanguageModel.get_peft_model() on this engine took over the live adapter; "
+                "train the newest model")
+        return model, None
+
+    # ------------------------------------------------------------------ rollouts
+    def _rollout_seed(self, call: int, group: int) -> int:
+        key = f"{self.args.seed}/{self.state.global_step}/{call}/{group}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little") & 0x3FFFFFFF
+
+    def _sampling_params(self, n: int, seed: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kwargs: dict[str, Any] = dict(
+            n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
+            min_p=0.0 if self.min_p is None else self.min_p, repetition_penalty=self.repetition_penalty,
+            max_tokens=self.max_completion_length, logprobs=0, stop_token_ids=list(self.eos_token_ids),
+            seed=seed,
+        )
+        kwargs.update(self.args.generation_kwargs or {})
+        # FINAL_ONLY: the engine aggregates the n samples of a request into one output.
+        kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
+        return SamplingParams(**kwargs)
+
+    def _generate_single_turn(
+        self, prompt_ids: Any, images: Any, multimodal_fields: Any, num_generations: int,
+        has_tool_images: bool = False,
+    ) -> tuple[list[list[int]], list[list[float | None]]]:
+        """Sample completions for ``prompt_ids`` with the colocated engine and the adapter as trained now."""
+        if self._engine_state is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        if images is not None or multimodal_fields or has_tool_images:
+            raise NotImplementedError("the colocated engine generates from text prompts only (no images)")
+        if self.state.global_step != self._seed_step:
+            self._seed_step, self._seed_calls = self.state.global_step, 0
+        call = self._seed_calls
+        self._seed_calls += 1
+        max_len = self._engine_state.engine.spec.max_model_len
+        longest = max((len(p) for p in prompt_ids), default=0)
+        if longest >= max_len:
+            raise ValueError(f"a prompt has {longest} tokens but the engine's max_seq_length is {max_len}; "
+                             "load the model with a larger max_seq_length or shorten the prompts")
+        groups = _group_runs(prompt_ids, num_generations)
+        params = [self._sampling_params(n, self._rollout_seed(call, g)) for g, (_, n) in enumerate(groups)]
+        live = self._engine_state.live
+        updates = live.updates
+        t0 = time.perf_counter()
+        outputs = self._fast_model.fast_generate([p for p, _ in groups], sampling_params=params)
+        seconds = time.perf_counter() - t0
+        completion_ids: list[list[int]] = []
+        logprobs: list[list[float | None]] = []
+        for output, (_, n) in zip(outputs, groups, strict=True):
+            samples = sorted(output.outputs, key=lambda c: c.index)
+            if len(samples) != n:
+                raise RuntimeError(f"the engine returned {len(samples)} completions for a prompt, not {n}")
+            for sample in samples:
+                completion_ids.append(list(sample.token_ids))
+                logprobs.append(_sampled_logprobs(sample))
+        mode = "train" if self.model.training else "eval"
+        tokens = sum(len(c) for c in completion_ids)
+        self._metrics[mode]["rollout/tokens_per_s"].append(tokens / max(seconds, 1e-9))
+        self._metrics[mode]["rollout/seconds"].append(seconds)
+        swap_ms = live.last_update_ms if live.updates > updates else 0.0  # 0: adapter unchanged
+        self._metrics[mode]["rollout/adapter_swap_ms"].append(swap_ms)
+        self._metrics[mode]["rollout/adapter_version"].append(float(live.version))
+        return completion_ids, logprobs
+
+    # ------------------------------------------------------------------ rewards
+    def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any,
+                           completion_ids_list: Any) -> Any:
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
+            if isinstance(func, torch.nn.Module):
+                check_model_rewards(name, rewards[:, i])
+        return rewards
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        ckpt.save_checkpoint(self, self._get_output_dir(trial=trial))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        if self._engine_state is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        ckpt.load_adapter_in_place(self._fast_model, resume_from_checkpoint)

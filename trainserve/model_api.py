@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from trainserve.adapters import AdapterRegistry
@@ -25,7 +25,6 @@ class ModelState:
     max_lora_rank: int = 0  # as the user asked (the engine's slots may be larger)
     live: Any = None  # LiveAdapter once get_peft_model ran
     peft_model: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def state_of(model: Any) -> ModelState | None:

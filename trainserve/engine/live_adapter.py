@@ -87,7 +87,6 @@ class LiveAdapter:
         self.version = 0  # trainer-side version, bumped on every detected change
         self._marker: tuple | None = None
         self._staged: _Snapshot | None = None
-        self._slot_version = {lora_id: -1 for lora_id in LIVE_LORA_IDS}
         self._applied: tuple[int, int] | None = None  # (version, lora id) now served
         self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._steps = 0  # optimizer steps seen by the global hook (fused optimizers skip _version)
@@ -286,7 +285,6 @@ class LiveAdapter:
                         return None
                     self._write(lora_id, None)
                     self._applied = (self.version, lora_id)
-                    self._slot_version[lora_id] = self.version
                 return self._lora_request()
 
         deadline = time.monotonic() + timeout
@@ -308,7 +306,6 @@ class LiveAdapter:
                     if lora_id is not None:
                         self._write(lora_id, staged.tensors)
                         self._applied = (staged.version, lora_id)
-                        self._slot_version[lora_id] = staged.version
                 if self._applied is None:
                     raise RuntimeError("no live adapter version has been published yet")
                 return self._lora_request()

@@ -76,6 +76,30 @@ def _write_random_adapter(path: str, shape: str, rank: int, seed: int) -> str:
     return path
 
 
+def _timed(fn, repeats: int, before=None) -> tuple[float, list]:
+    """Median seconds of ``repeats`` calls of ``fn()`` (``before()`` untimed ahead of each), last outputs."""
+    seconds, outs = [], None
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        t = time.perf_counter()
+        outs = fn()
+        seconds.append(time.perf_counter() - t)
+    return statistics.median(seconds), outs
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The rollout workload's options (shared by the rollout scripts)."""
+    parser.add_argument("--shape", default="1.5b")
+    parser.add_argument("--path", default=None)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--util", type=float, default=0.5)
+    parser.add_argument("--max-len", type=int, default=1024)
+
+
 def _train_step(model, opt, device="cuda") -> None:
     import torch
 
@@ -96,10 +120,10 @@ def arm_trainserve(a) -> dict:
 
     mem = PeakMemory()
     t0 = time.perf_counter()
+    extra = {} if a.ts_max_loras is None else {"max_loras": a.ts_max_loras}
     model, _ = FastLanguageModel.from_pretrained(a.path, max_seq_length=a.max_len, load_in_4bit=True,
                                                  fast_inference=True, gpu_memory_utilization=a.util,
-                                                 max_lora_rank=a.rank, max_loras=a.ts_max_loras,
-                                                 standby=not a.no_standby)
+                                                 max_lora_rank=a.rank, standby=not a.no_standby, **extra)
     start_s = time.perf_counter() - t0
     model = FastLanguageModel.get_peft_model(model, r=a.rank, lora_alpha=2 * a.rank, target_modules=ALL7)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -108,10 +132,9 @@ def arm_trainserve(a) -> dict:
     prompts = _prompts(a.prompts, a.prompt_len)
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     model.fast_generate(prompts[:8], sampling_params=sp)  # warm-up
-    _train_step(model, opt)
-    t = time.perf_counter()
-    outs = model.fast_generate(prompts, sampling_params=sp)  # live adapter right after an optimizer step
-    dt = time.perf_counter() - t
+    # the live adapter right after an optimizer step
+    dt, outs = _timed(lambda: model.fast_generate(prompts, sampling_params=sp), a.repeats,
+                      before=lambda: _train_step(model, opt))
     mem.sample()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     live = state_of(model).live
@@ -126,7 +149,9 @@ def arm_trainserve(a) -> dict:
         copy_ms.append(live.last_update_ms)
     mem.sample()
     standby = state_of(model).engine.standby
-    return {"arm": "trainserve", "max_loras": a.ts_max_loras, "standby": not a.no_standby,
+    spec = state_of(model).engine.spec
+    return {"arm": "trainserve", "max_loras": spec.max_loras, "specialize_active_lora": spec.specialize_active_lora,
+            "standby": not a.no_standby,
             "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
             "adapter_copy_ms_median": round(statistics.median(copy_ms), 3),
             "update_to_first_token_ms_median": round(statistics.median(visible_ms), 2),
@@ -149,11 +174,12 @@ def arm_vllm(a) -> dict:
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     req = LoRARequest("a0", 1, adapters[0])
     llm.generate(prompts[:8], sp, lora_request=req, use_tqdm=False)
-    t = time.perf_counter()
-    outs = llm.generate(prompts, sp, lora_request=req, use_tqdm=False)
-    dt = time.perf_counter() - t
+    dt, outs = _timed(lambda: llm.generate(prompts, sp, lora_request=req, use_tqdm=False), a.repeats)
     mem.sample()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    sp_ids = sp.clone()
+    sp_ids.detokenize = False  # token ids only: what vLLM gives without its per-step detokeniser
+    dt_ids, _ = _timed(lambda: llm.generate(prompts, sp_ids, lora_request=req, use_tqdm=False), a.repeats)
     one = SamplingParams(max_tokens=1, temperature=0.0)
     switch = []
     for i in range(1, 21):  # a new adapter id from disk, as a user reloading a freshly saved adapter would
@@ -161,7 +187,8 @@ def arm_vllm(a) -> dict:
         llm.generate(prompts[:1], one, lora_request=LoRARequest(f"a{i}", i + 1, adapters[i]), use_tqdm=False)
         switch.append((time.perf_counter() - t) * 1e3)
     mem.sample()
-    return {"arm": a.arm, "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
+    return {"arm": a.arm, "out_tok_s": round(tokens / dt, 1), "out_tok_s_detokenize_false": round(tokens / dt_ids, 1),
+            "engine_start_s": round(start_s, 1),
             "update_to_first_token_ms_median": round(statistics.median(switch), 2), "peak_gpu_gb": mem.gb}
 
 
@@ -186,9 +213,8 @@ def arm_unsloth(a) -> dict:
     prompts = [{"prompt_token_ids": p} for p in _prompts(a.prompts, a.prompt_len)]
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     model.fast_generate(prompts[:8], sampling_params=sp, lora_request=req, use_tqdm=False)
-    t = time.perf_counter()
-    outs = model.fast_generate(prompts, sampling_params=sp, lora_request=req, use_tqdm=False)
-    dt = time.perf_counter() - t
+    dt, outs = _timed(lambda: model.fast_generate(prompts, sampling_params=sp, lora_request=req, use_tqdm=False),
+                      a.repeats)
     mem.sample()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     one = SamplingParams(max_tokens=1, temperature=0.0)
@@ -217,16 +243,11 @@ def main() -> None:
     parser.add_argument("--arm", choices=sorted(ARMS))
     parser.add_argument("--all", action="store_true")
     parser.add_argument("--arms", default="trainserve,vllm,unsloth")
-    parser.add_argument("--shape", default="1.5b")
-    parser.add_argument("--path", default=None)
-    parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--util", type=float, default=0.5)
-    parser.add_argument("--max-len", type=int, default=1024)
+    add_workload_args(parser)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per arm (the median is reported)")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--ts-max-loras", type=int, default=4, help="trainserve: saved-adapter slots (+2 live)")
+    parser.add_argument("--ts-max-loras", type=int, default=None,
+                        help="trainserve: saved-adapter slots (+2 live); default: from_pretrained's")
     parser.add_argument("--no-standby", action="store_true", help="trainserve: keep the KV cache mapped")
     a = parser.parse_args()
     if a.path is None:
@@ -254,7 +275,7 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     record = {"date": date, "device": torch.cuda.get_device_name(0), "command": " ".join(["python", *sys.argv]),
               "shape": a.shape, "prompts": a.prompts, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-              "rank": a.rank, "gpu_memory_utilization": a.util, "results": results}
+              "rank": a.rank, "gpu_memory_utilization": a.util, "repeats": a.repeats, "results": results}
     out = a.out or f"benchmarks/results/rollout_{a.shape}_{date}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

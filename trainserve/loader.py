@@ -81,13 +81,17 @@ class FastLanguageModel:
         float8_kv_cache: bool = False,
         random_state: int = 3407,
         max_lora_rank: int = 64,
-        max_loras: int = 4,
+        max_loras: int = 1,
         disable_log_stats: bool = True,
         standby: bool = True,
         **kwargs: Any,
     ) -> tuple[Any, Any]:
         """Return ``(model, tokenizer)``. With ``fast_inference=True`` a colocated vLLM engine owns the
-        base weights and the model's parameters are views of them; ``model.fast_generate`` generates."""
+        base weights and the model's parameters are views of them; ``model.fast_generate`` generates.
+
+        ``max_loras``: engine LoRA slots for saved adapters (``load_lora``), besides the two that hold
+        the live adapter; more slots let one batch mix more saved adapters but slow vLLM's LoRA
+        kernels a little. ``standby`` (CUDA): free the KV cache while the trainer runs."""
         from transformers import AutoConfig, AutoTokenizer
 
         global _4BIT_WARNED

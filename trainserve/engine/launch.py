@@ -37,6 +37,9 @@ class EngineSpec:
     enforce_eager: bool = False
     kv_cache_dtype: str = "auto"
     enable_sleep_mode: bool = False  # GPU: lets the KV cache stand by while the trainer runs
+    # GPU: CUDA graphs per number of active adapters, so one adapter (the live one) runs vLLM's
+    # LoRA kernels over one slot, not over every slot.
+    specialize_active_lora: bool = False
 
 
 class Engine:
@@ -124,6 +127,8 @@ def start_engine(spec: EngineSpec) -> Engine:
         kwargs["quantization"] = spec.quantization
     if spec.enable_sleep_mode:
         kwargs["enable_sleep_mode"] = True
+    if spec.specialize_active_lora:
+        kwargs["specialize_active_lora"] = True
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     _CURRENT = Engine(spec, llm, time.perf_counter() - t0)

@@ -27,6 +27,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from trainserve.engine.detokenize import backend_tokenizer, can_defer, fill_text
+
 
 class RequestStream:
     """The outputs of one submitted request, filled in by the stepping thread."""
@@ -78,6 +80,8 @@ class EngineLoop:
         self._stop = threading.Event()
         self.steps = 0
         self.fatal: BaseException | None = None
+        self._backend: Any = None  # the tokenizer backend deferred decoding uses (None: not usable)
+        self._backend_known = False
 
     # ------------------------------------------------------------------ jobs
     @property
@@ -166,36 +170,64 @@ class EngineLoop:
         params: Any | Sequence[Any],
         lora_request: Any = None,
         use_tqdm: bool = False,
+        defer_detokenize: bool = True,
     ) -> list[Any]:
-        """Submit every prompt, drive the engine until all finish, return outputs in order."""
+        """Submit every prompt, drive the engine until all finish, return outputs in order.
+
+        With ``defer_detokenize`` (the default) texts are decoded once at the end where that gives
+        the same text (see :mod:`trainserve.engine.detokenize`), not token by token between steps.
+        """
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
-        params_list = [_final_only(p) for p in params_list]
+        if not prompts:
+            return []
+        backend = self._text_backend() if defer_detokenize else None
+        deferred = [can_defer(p, backend) for p in params_list]
+        engine_params = _engine_params(params_list, deferred)
+        left = [len(prompts)]  # requests of this batch not finished yet (counted by the stepping thread)
+        all_done = threading.Event()
+
+        def count(output: Any) -> None:
+            if isinstance(output, BaseException) or output.finished:
+                left[0] -= 1
+                if left[0] == 0:
+                    all_done.set()
+
         streams: list[RequestStream] = []
         rendered = self.render(prompts)
         try:
-            for prompt, p in zip(rendered, params_list, strict=True):
-                streams.append(self.submit(prompt, p, lora_request))
+            for prompt, p in zip(rendered, engine_params, strict=True):
+                streams.append(self.submit(prompt, p, lora_request, on_output=count))
         except BaseException:
             for s in streams:
                 self.abort(s.request_id)
             raise
         bar = tqdm(total=len(streams), desc="fast_generate", disable=not use_tqdm, leave=False)
-        pending = list(streams)
-        while pending:
+        shown = 0
+        while not all_done.is_set():
             if self.background:
-                pending[0].done.wait(0.5)
+                all_done.wait(0.5)
             else:
                 with self._lock:
-                    self._pump_once()
-            still = [s for s in pending if not s.done.is_set()]
-            bar.update(len(pending) - len(still))
-            pending = still
-            if self.fatal is not None and pending:
+                    if not self._pump_once() and not all_done.is_set():
+                        raise RuntimeError(f"the engine ran out of work with {left[0]} requests unfinished")
+            bar.update(len(streams) - left[0] - shown)
+            shown = len(streams) - left[0]
+            if self.fatal is not None and not all_done.is_set():
                 raise RuntimeError("the engine loop stopped") from self.fatal
         bar.close()
-        return [s.result() for s in streams]
+        outputs = [s.result() for s in streams]
+        if any(deferred):
+            picked = [i for i, defer in enumerate(deferred) if defer]
+            fill_text([outputs[i] for i in picked], [params_list[i] for i in picked], backend)
+        return outputs
+
+    def _text_backend(self) -> Any:
+        if not self._backend_known:
+            self._backend = backend_tokenizer(self.llm.get_tokenizer())
+            self._backend_known = True
+        return self._backend
 
     # ---------------------------------------------------------------- stepping
     def _pump_once(self) -> bool:
@@ -263,16 +295,27 @@ class EngineLoop:
                 self._wake.wait(0.05)
 
 
-def _final_only(params: Any) -> Any:
-    """A copy of ``params`` that returns only the finished output (as ``LLM.generate`` does):
-    cumulative outputs would re-emit every running sequence at every step."""
+def _engine_params(params_list: list[Any], deferred: list[bool]) -> list[Any]:
+    """The params to submit: finished outputs only (as ``LLM.generate`` returns; cumulative outputs
+    would re-emit every running sequence at every step), token ids only where decoding is deferred.
+    One copy per distinct (params, deferred) pair, not one per prompt."""
     from vllm.sampling_params import RequestOutputKind
 
-    if getattr(params, "output_kind", None) == RequestOutputKind.FINAL_ONLY:
-        return params
-    params = params.clone()
-    params.output_kind = RequestOutputKind.FINAL_ONLY
-    return params
+    copies: dict[tuple[int, bool], Any] = {}
+    out = []
+    for params, defer in zip(params_list, deferred, strict=True):
+        key = (id(params), defer)
+        if key not in copies:
+            if getattr(params, "output_kind", None) == RequestOutputKind.FINAL_ONLY and not defer:
+                copies[key] = params
+            else:
+                copy = params.clone()
+                copy.output_kind = RequestOutputKind.FINAL_ONLY
+                if defer:
+                    copy.detokenize = False
+                copies[key] = copy
+        out.append(copies[key])
+    return out
 
 
 class RequestAborted(RuntimeError):

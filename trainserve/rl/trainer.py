@@ -173,7 +173,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
             min_p=0.0 if self.min_p is None else self.min_p, repetition_penalty=self.repetition_penalty,
             max_tokens=self.max_completion_length, logprobs=0, stop_token_ids=list(self.eos_token_ids),
-            seed=seed,
+            seed=seed, detokenize=False,  # TRL decodes completion ids itself; the engine need not
         )
         kwargs.update(self.args.generation_kwargs or {})
         # FINAL_ONLY: the engine aggregates the n samples of a request into one output.

@@ -22,6 +22,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("Hello there", "Once upon a time", "The quick brown", "In the garden")
 TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+VERSION = "x-trainserve-adapter-version"  # the response header naming the adapter version that answered
 
 
 def make_adapter(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 from conftest import load_tiny_fast
+from server_support import VERSION
 
 pytestmark = pytest.mark.engine
-
-VERSION = "x-trainserve-adapter-version"
 
 
 def test_live_adapter_is_served_during_grpo(tmp_path):

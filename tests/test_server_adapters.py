@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from server_support import PROMPTS, bad_adapter, complete, make_adapter, shared_server, wait_for
+from server_support import PROMPTS, VERSION, bad_adapter, complete, make_adapter, shared_server, wait_for
 
 pytestmark = pytest.mark.engine
-
-VERSION = "x-trainserve-adapter-version"
 
 
 @pytest.fixture(scope="module")

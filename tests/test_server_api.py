@@ -6,11 +6,9 @@ import json
 
 import openai
 import pytest
-from server_support import PROMPTS, complete, shared_server
+from server_support import PROMPTS, VERSION, complete, shared_server
 
 pytestmark = pytest.mark.engine
-
-VERSION = "x-trainserve-adapter-version"
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import httpx
 import pytest
 import torch
 from conftest import load_tiny_fast
+from server_support import VERSION
 
 pytestmark = pytest.mark.engine
 
 PROMPT = "Once upon a time"
 TARGET = " the little robot learned to sing"
-VERSION = "x-trainserve-adapter-version"
 
 
 def test_training_process_serves_live_adapter():

@@ -18,6 +18,7 @@ Outputs are routed to :class:`RequestStream` objects by request id, whatever thr
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -80,8 +81,6 @@ class EngineLoop:
         self._stop = threading.Event()
         self.steps = 0
         self.fatal: BaseException | None = None
-        self._backend: Any = None  # the tokenizer backend deferred decoding uses (None: not usable)
-        self._backend_known = False
 
     # ------------------------------------------------------------------ jobs
     @property
@@ -182,7 +181,7 @@ class EngineLoop:
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
         if not prompts:
             return []
-        backend = self._text_backend() if defer_detokenize else None
+        backend = self._text_backend if defer_detokenize else None
         deferred = [can_defer(p, backend) for p in params_list]
         engine_params = _engine_params(params_list, deferred)
         left = [len(prompts)]  # requests of this batch not finished yet (counted by the stepping thread)
@@ -212,8 +211,9 @@ class EngineLoop:
                 with self._lock:
                     if not self._pump_once() and not all_done.is_set():
                         raise RuntimeError(f"the engine ran out of work with {left[0]} requests unfinished")
-            bar.update(len(streams) - left[0] - shown)
-            shown = len(streams) - left[0]
+            if len(streams) - left[0] > shown:
+                bar.update(len(streams) - left[0] - shown)
+                shown = len(streams) - left[0]
             if self.fatal is not None and not all_done.is_set():
                 raise RuntimeError("the engine loop stopped") from self.fatal
         bar.close()
@@ -223,11 +223,10 @@ class EngineLoop:
             fill_text([outputs[i] for i in picked], [params_list[i] for i in picked], backend)
         return outputs
 
+    @functools.cached_property
     def _text_backend(self) -> Any:
-        if not self._backend_known:
-            self._backend = backend_tokenizer(self.llm.get_tokenizer())
-            self._backend_known = True
-        return self._backend
+        """The tokenizer backend deferred decoding uses (None: this tokenizer cannot defer)."""
+        return backend_tokenizer(self.llm.get_tokenizer())
 
     # ---------------------------------------------------------------- stepping
     def _pump_once(self) -> bool:

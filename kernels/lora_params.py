@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from trainserve.kernels.nf4 import dequantize_nf4, dequantize_nf4_many, dequantize_nf4_reference
+from trainserve.kernels.packed_state import PackedWeightState
 from trainserve.kernels.swiglu import swiglu_reference
 
 
@@ -97,6 +98,9 @@ def get_lora_parameters(proj: nn.Module) -> LoraWeights | None:
 
 def dense_weight(p: LoraWeights, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The base weight as a dense ``(out, in)`` tensor of ``dtype`` (a temporary if converted)."""
+    if isinstance(p.quant_state, PackedWeightState):
+        w = p.quant_state.dequantize_t(dtype).t()  # a transposed view: GEMMs take it as it is
+        return w if out is None else out.copy_(w)
     if p.quant_state is not None:
         return dequantize_nf4(p.weight, p.quant_state, dtype, out=out)
     w = _as(p.weight, dtype)
@@ -121,6 +125,8 @@ def fused_weight(ps: list[LoraWeights], dtype: torch.dtype) -> torch.Tensor:
     """``cat([W_i])`` as one ``(sum out_i, in)`` matrix of ``dtype`` (see the module docstring)."""
     if len(ps) == 1:
         return dense_weight(ps[0], dtype)
+    if all(isinstance(p.quant_state, PackedWeightState) for p in ps):
+        return _fused_packed([p.quant_state for p in ps], dtype)
     if all(p.quant_state is None for p in ps):
         ws = [p.weight for p in ps]
         if ws[0].dtype == dtype and _adjacent_rows(ws):
@@ -136,6 +142,21 @@ def fused_weight(ps: list[LoraWeights], dtype: torch.dtype) -> torch.Tensor:
         dense_weight(p, dtype, out=buf[row : row + p.out_features])
         row += p.out_features
     return buf
+
+
+def _fused_packed(states: list[PackedWeightState], dtype: torch.dtype) -> torch.Tensor:
+    """Packed shards of one fused engine layer dequantise in one launch; others into column blocks
+    of one ``(in, sum out)`` buffer. Returned as its ``(sum out, in)`` transposed view."""
+    merged = states[0].merge(states[1:])
+    if merged is not None:
+        return merged.dequantize_t(dtype).t()
+    in_f = int(states[0].shape[1])
+    buf = torch.empty((in_f, sum(int(s.shape[0]) for s in states)), dtype=dtype, device=states[0].tensors()[0].device)
+    col = 0
+    for s in states:
+        s.dequantize_t(dtype, out=buf[:, col: col + int(s.shape[0])])
+        col += int(s.shape[0])
+    return buf.t()
 
 
 def fused_bias(ps: list[LoraWeights], dtype: torch.dtype) -> torch.Tensor | None:
@@ -157,7 +178,9 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def lora_linear_reference(x: torch.Tensor, p: LoraWeights) -> torch.Tensor:
     """Plain-autograd reference for one projection (dequantises with the torch reference)."""
-    if p.quant_state is not None:
+    if isinstance(p.quant_state, PackedWeightState):
+        w = p.quant_state.dequantize_t(x.dtype).t()
+    elif p.quant_state is not None:
         w = dequantize_nf4_reference(p.weight, p.quant_state, x.dtype)
     else:
         w = p.weight.to(x.dtype)

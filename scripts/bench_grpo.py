@@ -16,6 +16,9 @@ ignore the trained weights does not learn). A variant that fails records its exa
 ``benchmarks/results/grpo_cpu_<date>.json`` and ``.md``.
 
     .venv/bin/python scripts/bench_grpo.py --steps 30
+
+``--device cuda`` runs the GPU benchmark instead (``scripts/bench_grpo_gpu.py``; the rest of the
+command line goes to it).
 """
 
 from __future__ import annotations
@@ -219,8 +222,18 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    known, rest = pre.parse_known_args()
+    if known.device == "cuda":  # the GPU benchmark (issue 11) has its own arms and options
+        sys.path.append(str(Path(__file__).resolve().parent))
+        import bench_grpo_gpu
+
+        return bench_grpo_gpu.main(rest)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU benchmark, scripts/bench_grpo_gpu.py (see its --help)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the rates")
     parser.add_argument("--repeat", type=int, default=1, help="rounds, variants interleaved")

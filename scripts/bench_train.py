@@ -9,7 +9,9 @@ synchronised), peak memory is ``torch.cuda.max_memory_allocated`` over the train
 
 ``--quant``: ``bnb`` (bitsandbytes NF4, the benchmark setting), ``none`` (bf16 base weights) or
 ``nf4-ts`` (trainserve arm only: the same NF4 layout packed by trainserve's own quantiser, to
-measure the 4-bit path where bitsandbytes is not installed).
+measure the 4-bit path where bitsandbytes is not installed), ``int4-ts`` / ``int8-ts`` (trainserve arm
+only: the engine's Marlin-layout integer formats, as the trainer sees them with ``load_in_4bit`` /
+``load_in_8bit`` and ``fast_inference=True``, here without an engine).
 
 Examples::
 
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=8, help="untimed steps first (allocator, clocks)")
-    ap.add_argument("--quant", choices=("bnb", "none", "nf4-ts"), default="bnb")
+    ap.add_argument("--quant", choices=("bnb", "none", "nf4-ts", "int4-ts", "int8-ts"), default="bnb")
     ap.add_argument("--no-double-quant", action="store_true", help="bnb without nested absmax")
     ap.add_argument("--gc", default="unsloth",
                     help='checkpointing in the unsloth/trainserve arms: "unsloth", true, false')
@@ -147,8 +149,8 @@ def load_hf(args: argparse.Namespace, path: Path):
     import transformers
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if args.quant == "nf4-ts":
-        raise SystemExit("--quant nf4-ts is for the trainserve arm only")
+    if args.quant.endswith("-ts"):
+        raise SystemExit(f"--quant {args.quant} is for the trainserve arm only")
     kw = {"quantization_config": bnb_config(args)} if args.quant == "bnb" else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype(), device_map={"": device()}, attn_implementation="sdpa", **kw
@@ -194,9 +196,32 @@ def load_trainserve(args: argparse.Namespace, path: Path):
             if name.rsplit(".", 1)[-1] in TARGETS:
                 quantize_linear_nf4_(mod, 64, compress_statistics=not args.no_double_quant)
         torch.cuda.empty_cache()
+    if args.quant in ("int4-ts", "int8-ts"):
+        _pack_marlin(model, args.quant)
     model.config.use_cache = False
     get_fast_model_class("qwen2").patch_model(model, use_gradient_checkpointing=gc_value(args.gc))
     return get_peft_model(model, lora_config(args))
+
+
+def _pack_marlin(model, quant: str) -> None:
+    """Replace every target projection by trainserve's packed view of its Marlin-quantised weight."""
+    import torch
+    from trainserve.kernels.marlin_dequant import MarlinQuantState
+    from trainserve.kernels.marlin_layout import IntFormat, quantize_to_marlin
+
+    from trainserve.weights.packed_linear import PackedLinear
+
+    fmt = IntFormat(4, 64, True) if quant == "int4-ts" else IntFormat(8, 128, False)
+    for name, mod in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] not in TARGETS:
+            continue
+        n, k = mod.weight.shape
+        t = quantize_to_marlin(mod.weight.data, fmt, mod.weight.dtype)
+        state = MarlinQuantState(t, fmt, 0, n, k, mod.weight.dtype)
+        bias = None if mod.bias is None else mod.bias.data
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, PackedLinear(state, t.qweight, bias))
+    torch.cuda.empty_cache()
 
 
 def run_arm(args: argparse.Namespace) -> dict:

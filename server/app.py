@@ -1,8 +1,9 @@
-"""The FastAPI app of one server: routes, OpenAI-shaped errors, API key, request accounting."""
+"""The FastAPI app of one server: routes, OpenAI-shaped errors, API key, body limit, request accounting."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 
 from fastapi import FastAPI
@@ -11,9 +12,39 @@ from trainserve.server import routes_admin, routes_openai
 from trainserve.server.errors import error_response, install_handlers
 from trainserve.server.state import ServerState
 
+logger = logging.getLogger("trainserve.server")
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bool]:
+    """Read the whole body (FastAPI reads it into memory anyway), stopping past ``limit`` bytes:
+    ``(messages, too_large)``. A chunked upload has no Content-Length to check up front."""
+    messages: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, False
+        size += len(message.get("body", b""))
+        if size > limit:
+            return messages, True
+        if not message.get("more_body", False):
+            return messages, False
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
 
 class GateMiddleware:
-    """Checks the API key on every route, refuses new requests while draining, counts requests.
+    """Checks the API key on every route, refuses new requests while draining, refuses bodies over
+    ``max_request_bytes`` (413, before anything parses them), counts requests, and answers an
+    unexpected exception with an OpenAI-shaped JSON 500 instead of Starlette's plain-text one.
 
     A pure ASGI middleware: the in-flight count covers a streamed response until its last byte,
     which graceful shutdown waits for.
@@ -31,8 +62,15 @@ class GateMiddleware:
         for name, value in scope.get("headers", []):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 return hmac.compare_digest(value[7:].strip(), self._key)
-            if name == b"x-api-key":
-                return hmac.compare_digest(value.strip(), self._key)
+        return False
+
+    def _too_large(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    return int(value) > self.state.config.max_request_bytes
+                except ValueError:
+                    return False
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -58,11 +96,28 @@ class GateMiddleware:
             )
             await response(scope, receive, send)
             return
+        limit = state.config.max_request_bytes
+        too_large = self._too_large(scope)
+        if not too_large and scope.get("method") in ("POST", "PUT", "PATCH"):
+            messages, too_large = await _read_body(receive, limit)
+            receive = _replay(messages, receive)
+        if too_large:
+            state.metrics.requests.labels(route, "413").inc()
+            response = error_response(
+                413,
+                f"The request body is larger than this server's limit of {limit} bytes.",
+                code="request_too_large",
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
         status = ["500"]
+        started_response = [False]
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = str(message["status"])
+                started_response[0] = True
             await send(message)
 
         state.in_flight += 1
@@ -70,6 +125,11 @@ class GateMiddleware:
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:  # a bug, not the client's fault: still a JSON answer, the connection lives on
+            logger.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            if not started_response[0]:
+                response = error_response(500, "internal server error", code="internal_error")
+                await response(scope, receive, send_wrapper)
         finally:
             state.in_flight -= 1
             state.metrics.in_flight.dec()

@@ -80,18 +80,40 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="on SIGTERM, how long running requests may take to finish (default 300)",
     )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        metavar="N",
+        help="largest request body accepted; larger ones get 413 (default 8 MiB)",
+    )
+    p.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests replace the chat template (chat_template, chat_template_kwargs.chat_template); "
+        "it is still rendered sandboxed, in a separate process with time and memory limits",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, serve until SIGTERM/SIGINT, drain, exit 0."""
+    """Load the model, serve until SIGTERM/SIGINT, drain; exit 0, or 1 when the drain timed out."""
     import os
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s: %(message)s"
     )
-    api_key = args.api_key or os.environ.get("TRAINSERVE_API_KEY") or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("TRAINSERVE_API_KEY")
+    if api_key is not None and not api_key.strip():
+        # `--api-key "$KEY"` with KEY unset: refuse rather than serve without authentication
+        source = "--api-key" if args.api_key is not None else "TRAINSERVE_API_KEY"
+        print(f"trainserve serve: {source} is empty; give a key, or leave it out to serve without one",
+              file=sys.stderr)
+        return 2
+    if args.max_request_bytes < 1:
+        print("trainserve serve: --max-request-bytes must be positive", file=sys.stderr)
+        return 2
     if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
         print(f"trainserve serve: --adapters-dir {args.adapters_dir!r} is not a directory", file=sys.stderr)
         return 2
@@ -129,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         adapter_poll_interval=args.adapter_poll_interval,
         max_lora_rank=args.max_lora_rank,
         drain_timeout=args.drain_timeout,
+        max_request_bytes=args.max_request_bytes,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     state = ServerState(mstate.engine, mstate.config, config)
     try:
@@ -154,5 +178,8 @@ def run(args: argparse.Namespace) -> int:
         state.loop.stop_background(drain=True)
     if not server.started:
         return 1
-    logger.info("stopped%s", "" if server.drained_cleanly in (None, True) else " (drain timed out)")
+    if server.drained_cleanly is False:  # requests were cut off: not a clean exit
+        logger.warning("stopped: the drain timed out with requests still running")
+        return 1
+    logger.info("stopped")
     return 0

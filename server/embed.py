@@ -17,7 +17,7 @@ from typing import Any
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from trainserve.server.runner import GracefulServer, make_server, url_of
-from trainserve.server.state import ServerConfig, ServerState
+from trainserve.server.state import DEFAULT_MAX_REQUEST_BYTES, ServerConfig, ServerState
 
 logger = logging.getLogger("trainserve.server")
 
@@ -135,11 +135,17 @@ def serve_model(
     log_level: str = "warning",
     startup_timeout: float = 60.0,
     drain_timeout: float = 60.0,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    trust_request_chat_template: bool = False,
 ) -> ServerHandle:
     """Serve ``model``'s colocated engine: the base, ``loras`` (name → path), ``adapters_dir``, and
     ``live`` (the model's training adapter). ``background=False`` blocks until the server stops
-    (SIGINT/SIGTERM in the main thread). ``port=0`` picks a free port (see ``handle.url``)."""
+    (SIGINT/SIGTERM in the main thread). ``port=0`` picks a free port (see ``handle.url``).
+    ``api_key=""`` is refused (``ValueError``): an unset variable must not turn authentication off."""
     from trainserve.model_api import state_of
+
+    if api_key is not None and not api_key.strip():
+        raise ValueError("model.serve(api_key=''): the API key is empty; pass a key, or None for no key")
 
     mstate = state_of(model)
     if mstate is None:
@@ -153,6 +159,8 @@ def serve_model(
         adapter_poll_interval=adapter_poll_interval,
         max_lora_rank=mstate.max_lora_rank or None,
         drain_timeout=drain_timeout,
+        max_request_bytes=max_request_bytes,
+        trust_request_chat_template=trust_request_chat_template,
     )
     state = ServerState(engine, mstate.config, config)
     publisher = LivePublisher(engine)

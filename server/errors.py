@@ -15,8 +15,17 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    500: "server_error",
     503: "service_unavailable",
 }
+
+
+def _safe(text: str | None) -> str | None:
+    """``text`` made encodable as UTF-8: a lone surrogate copied from the request into a message
+    would otherwise make the error response itself fail (a plain-text 500)."""
+    if text is None:
+        return None
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class APIError(Exception):
@@ -44,9 +53,9 @@ def error_body(
     """The JSON body of an error response."""
     return {
         "error": {
-            "message": message,
+            "message": _safe(message),
             "type": type_ or _TYPES.get(status, "server_error"),
-            "param": param,
+            "param": _safe(param),
             "code": code,
         }
     }
@@ -119,6 +128,8 @@ def install_handlers(app: FastAPI) -> None:
             message += f" (and {len(errors) - 1} more)"
         kind = str(first.get("type", ""))
         code = "invalid_type" if kind.endswith(("_type", "_parsing", "json_invalid")) else "invalid_value"
+        if kind == "extra_forbidden":  # OpenAI's wording for a field it does not know
+            message, code = f"Unrecognized request argument supplied: {param}", "unknown_parameter"
         return error_response(400, message, param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)

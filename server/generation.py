@@ -197,6 +197,7 @@ class TokenText:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self._bytes: dict[int, bytes] = {}
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
 
     def bytes_of(self, token_id: int) -> bytes:
         cached = self._bytes.get(token_id)
@@ -217,7 +218,9 @@ class TokenText:
         self._bytes[token_id] = raw
         return raw
 
-    def text_of(self, token_id: int, logprob: Any) -> str:
+    def text_of(self, token_id: int, logprob: Any, as_id: bool = False) -> str:
+        if as_id:  # vLLM's return_tokens_as_token_ids
+            return f"token_id:{token_id}"
         decoded = getattr(logprob, "decoded_token", None)
         if decoded and "\ufffd" not in decoded:
             return decoded
@@ -228,46 +231,77 @@ class TokenText:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
+class TextCursor:
+    """How many characters of a completion's text its tokens so far produced (``text_offset``).
+
+    Follows vLLM's incremental detokeniser (tokenizers' ``DecodeStream``): bytes that do not yet
+    decode to whole characters (the text would end in ``"\ufffd"``) are held back until a later
+    token completes them, so a token that is only part of a UTF-8 character adds nothing. Counting
+    each token's own decoded text (one ``"\ufffd"`` per partial token) ran ahead of the text.
+    Special tokens add nothing when the text skips them.
+    """
+
+    def __init__(self, tt: TokenText, skip_special_tokens: bool = True):
+        self.tt = tt
+        self.skip = tt.special_ids if skip_special_tokens else frozenset()
+        self.offset = 0
+        self._pending = b""
+
+    def advance(self, token_id: int) -> None:
+        if token_id in self.skip:
+            return
+        self._pending += self.tt.bytes_of(token_id)
+        text = self._pending.decode("utf-8", "replace")
+        if not text.endswith("\ufffd"):
+            self.offset += len(text)
+            self._pending = b""
+
+
 def _ranked(candidates: dict[int, Any]) -> list[tuple[int, Any]]:
     return sorted(candidates.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
 
 
 def completion_logprobs(
-    tt: TokenText, token_ids: Any, logprobs: Any, offset: int
-) -> tuple[dict[str, Any], int]:
-    """OpenAI completions ``logprobs`` for generated tokens; returns it and the next text offset."""
+    tt: TokenText, token_ids: Any, logprobs: Any, cursor: TextCursor, as_ids: bool = False
+) -> dict[str, Any]:
+    """OpenAI completions ``logprobs`` for generated tokens; ``cursor`` carries the text offset."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token_id, candidates in zip(token_ids, logprobs or [], strict=False):
         chosen = candidates.get(token_id)
-        text = tt.text_of(token_id, chosen)
-        out["tokens"].append(text)
+        out["tokens"].append(tt.text_of(token_id, chosen, as_ids))
         out["token_logprobs"].append(clamp_logprob(chosen.logprob) if chosen is not None else None)
-        top = {tt.text_of(t, lp): clamp_logprob(lp.logprob) for t, lp in _ranked(candidates)}
+        top = {tt.text_of(t, lp, as_ids): clamp_logprob(lp.logprob) for t, lp in _ranked(candidates)}
         out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(getattr(chosen, "decoded_token", None) or "")
-    return out, offset
+        out["text_offset"].append(cursor.offset)
+        cursor.advance(token_id)
+    return out
 
 
-def chat_logprobs(tt: TokenText, token_ids: Any, logprobs: Any, top: int) -> list[dict[str, Any]]:
+def _token_bytes(tt: TokenText, token_id: int, text: str, as_ids: bool) -> list[int]:
+    return list(text.encode("utf-8")) if as_ids else list(tt.bytes_of(token_id))
+
+
+def chat_logprobs(
+    tt: TokenText, token_ids: Any, logprobs: Any, top: int, as_ids: bool = False
+) -> list[dict[str, Any]]:
     """OpenAI chat ``logprobs.content`` entries for generated tokens (``top`` alternatives each)."""
     content = []
     for token_id, candidates in zip(token_ids, logprobs or [], strict=False):
         chosen = candidates.get(token_id)
         alternatives = [(t, lp) for t, lp in _ranked(candidates) if lp.rank is not None and lp.rank <= top]
+        token = tt.text_of(token_id, chosen, as_ids)
+        entries = []
+        for t, lp in alternatives[:top]:
+            alt = tt.text_of(t, lp, as_ids)
+            entries.append(
+                {"token": alt, "logprob": clamp_logprob(lp.logprob), "bytes": _token_bytes(tt, t, alt, as_ids)}
+            )
         content.append(
             {
-                "token": tt.text_of(token_id, chosen),
+                "token": token,
                 "logprob": clamp_logprob(chosen.logprob) if chosen is not None else -9999.0,
-                "bytes": list(tt.bytes_of(token_id)),
-                "top_logprobs": [
-                    {
-                        "token": tt.text_of(t, lp),
-                        "logprob": clamp_logprob(lp.logprob),
-                        "bytes": list(tt.bytes_of(t)),
-                    }
-                    for t, lp in alternatives[:top]
-                ],
+                "bytes": _token_bytes(tt, token_id, token, as_ids),
+                "top_logprobs": entries,
             }
         )
     return content

@@ -183,6 +183,8 @@ class ModelTable:
         and :class:`APIError` for a name that is taken (unless ``replace``) or reserved.
         """
         self.check_name(name)
+        if "\x00" in str(path):  # os calls raise a bare ValueError for it
+            raise AdapterError(f"adapter path {str(path)!r} contains a NUL byte")
         src = Path(path)
         if confine_to is not None:
             src = resolve_in_dir(confine_to, src)
@@ -199,11 +201,14 @@ class ModelTable:
             snap = self._snapshot(src, confine_to)
             try:
                 try:
-                    info = validate_adapter_dir(snap, self.hf_config, self.max_lora_rank)
+                    dtype = getattr(getattr(self.engine, "spec", None), "dtype", None)
+                    info = validate_adapter_dir(snap, self.hf_config, self.max_lora_rank, dtype)
                 except AdapterError as exc:  # name the user's directory, not the snapshot
                     raise AdapterError(str(exc).replace(snap, str(src))) from exc
                 if existing is not None and existing.digest == info.digest:
                     shutil.rmtree(snap, ignore_errors=True)
+                    with self._lock:  # the good content is back: an earlier rejection is stale
+                        self.errors.pop(name, None)
                     return existing, False
                 version = self._next_version.get(name, 0) + 1
                 try:

@@ -13,7 +13,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from trainserve.server.errors import APIError, error_body
-from trainserve.server.generation import ClientDisconnected, RequestGroup, chat_logprobs, completion_logprobs
+from trainserve.server.generation import (
+    ClientDisconnected,
+    RequestGroup,
+    TextCursor,
+    chat_logprobs,
+    completion_logprobs,
+)
 from trainserve.server.sampling import chat_prompt, completion_prompts, resolve_max_tokens, sampling_params
 from trainserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -27,7 +33,8 @@ class _Choice:
     tokens: int = 0
     finish_reason: str | None = None
     logprobs: Any = None  # completions: dict of lists; chat: list of entries
-    offset: int = 0
+    cursor: TextCursor | None = None  # completions: text_offset of the next token
+    token_ids: list[int] = field(default_factory=list)
     started: bool = False
 
 
@@ -44,7 +51,11 @@ class _Run:
         logprobs: int | None,
     ):
         self.state, self.body, self.chat, self.group = state, body, chat, group
+        self.prompts = prompts
         self.prompt_tokens = sum(len(p) for p in prompts)
+        self.as_ids = bool(body.return_tokens_as_token_ids)
+        self.return_ids = bool(body.return_token_ids)
+        self.sent_prompt_ids = False
         self.logprobs = logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -73,8 +84,9 @@ class _Run:
             "total_tokens": self.prompt_tokens + completion,
         }
 
-    def absorb(self, prompt_index: int, output: Any) -> list[tuple[int, Any, Any, str | None]]:
-        """Record one engine output; return ``(choice, text, logprobs, finish_reason)`` per completion."""
+    def absorb(self, prompt_index: int, output: Any) -> list[tuple[int, Any, Any, str | None, list[int]]]:
+        """Record one engine output; return ``(choice, text, logprobs, finish_reason, token ids)`` per
+        completion."""
         deltas = []
         tt = self.state.token_text
         for out in output.outputs:
@@ -82,13 +94,17 @@ class _Run:
             choice = self.choices.setdefault(index, _Choice())
             choice.text.append(out.text)
             choice.tokens += len(out.token_ids)
+            if self.return_ids:
+                choice.token_ids.extend(out.token_ids)
             lp = None
             if self.logprobs is not None:
                 if self.chat:
-                    lp = chat_logprobs(tt, out.token_ids, out.logprobs, self.logprobs)
+                    lp = chat_logprobs(tt, out.token_ids, out.logprobs, self.logprobs, self.as_ids)
                     choice.logprobs = (choice.logprobs or []) + lp
                 else:
-                    lp, choice.offset = completion_logprobs(tt, out.token_ids, out.logprobs, choice.offset)
+                    if choice.cursor is None:
+                        choice.cursor = TextCursor(tt, self.body.skip_special_tokens)
+                    lp = completion_logprobs(tt, out.token_ids, out.logprobs, choice.cursor, self.as_ids)
                     if choice.logprobs is None:
                         choice.logprobs = {k: [] for k in lp}
                     for k, v in lp.items():
@@ -100,7 +116,7 @@ class _Run:
             if out.token_ids and not self.first_token:
                 self.first_token = True
                 self.state.metrics.first_token_seconds.observe(time.perf_counter() - self.started)
-            deltas.append((index, out.text, lp, out.finish_reason))
+            deltas.append((index, out.text, lp, out.finish_reason, list(out.token_ids)))
         return deltas
 
     def count_tokens(self) -> None:
@@ -128,11 +144,19 @@ class _Run:
                     "logprobs": c.logprobs,
                     "finish_reason": c.finish_reason,
                 }
+                if self.return_ids:  # vLLM's return_token_ids: the prompt's ids on each choice
+                    item["prompt_token_ids"] = self.prompts[index // self.body.n]
+            if self.return_ids:
+                item["token_ids"] = c.token_ids
             choices.append(item)
-        return {**self._header(self.object), "choices": choices, "usage": self.usage()}
+        body = {**self._header(self.object), "choices": choices, "usage": self.usage()}
+        if self.return_ids and self.chat:
+            body["prompt_token_ids"] = self.prompts[0]
+        return body
 
-    def chunk(self, index: int, text: str, lp: Any, finish: str | None) -> dict[str, Any]:
+    def chunk(self, index: int, text: str, lp: Any, finish: str | None, ids: list[int]) -> dict[str, Any]:
         choice = self.choices[index]
+        first = not choice.started
         if self.chat:
             delta: dict[str, Any] = {"content": text}
             if not choice.started:
@@ -145,11 +169,18 @@ class _Run:
             }
         else:
             item = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+            if self.return_ids and first:
+                item["prompt_token_ids"] = self.prompts[index // self.body.n]
+        if self.return_ids:
+            item["token_ids"] = ids
         choice.started = True
         chunk = {
             **self._header("chat.completion.chunk" if self.chat else "text_completion"),
             "choices": [item],
         }
+        if self.return_ids and self.chat and not self.sent_prompt_ids:  # once, on the first chunk (vLLM)
+            chunk["prompt_token_ids"] = self.prompts[0]
+            self.sent_prompt_ids = True
         options = self.body.stream_options
         if options is not None and options.include_usage:
             chunk["usage"] = self.usage() if options.continuous_usage_stats else None
@@ -191,8 +222,8 @@ async def _stream(run: _Run) -> Any:
     finished = False
     try:
         async for prompt_index, output in group.events():
-            for index, text, lp, finish in run.absorb(prompt_index, output):
-                yield json.dumps(run.chunk(index, text, lp, finish), separators=(",", ":"))
+            for index, text, lp, finish, ids in run.absorb(prompt_index, output):
+                yield json.dumps(run.chunk(index, text, lp, finish, ids), separators=(",", ":"))
         options = run.body.stream_options
         if options is not None and options.include_usage:
             yield json.dumps(
@@ -219,7 +250,9 @@ async def _stream(run: _Run) -> Any:
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = request.app.state.server
     state.models.require(body.model)
-    prompts = await asyncio.to_thread(completion_prompts, body, state.tokenizer, state.vocab_size)
+    prompts = await asyncio.to_thread(
+        completion_prompts, body, state.tokenizer, state.vocab_size, state.max_model_len, state.max_prompt_chars
+    )
     max_tokens = resolve_max_tokens(
         body.max_tokens, [len(p) for p in prompts], state.max_model_len, "max_tokens", "prompt"
     )
@@ -230,7 +263,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = request.app.state.server
     state.models.require(body.model)
-    prompt = await asyncio.to_thread(chat_prompt, body, state.tokenizer)
+    prompt = await asyncio.to_thread(
+        chat_prompt,
+        body,
+        state.tokenizer,
+        state.max_model_len,
+        state.max_prompt_chars,
+        state.config.trust_request_chat_template,
+    )
     requested, param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
         requested, param = body.max_completion_tokens, "max_completion_tokens"

@@ -3,16 +3,69 @@
 vLLM checks the sampling values itself (``SamplingParams`` raises for ``n < 1``, ``top_p`` out of
 range, ...); its errors become 400s. What vLLM would silently clip (``max_tokens`` past the
 context) is checked here.
+
+A text longer than ``max_model_len × max_chars_per_token`` characters (the longest vocabulary
+entry) cannot fit the context whatever its tokens, so it is refused *before* tokenising — vLLM's
+own rule (``TokenizeParams._text_len_check``): tokenising a 50 MB prompt just to count it took
+minutes and gigabytes. With ``truncate_prompt_tokens`` the text is cut to that bound first.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from trainserve.server import chat_template
 from trainserve.server.errors import bad_request, client_error_types, from_engine_error
 from trainserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 MAX_CHOICES = 256  # prompts × n in one request
+
+
+def max_chars_per_token(tokenizer: Any) -> int:
+    """The most characters one token stands for (vLLM's cached tokenizers carry it)."""
+    value = getattr(tokenizer, "max_chars_per_token", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    return max(len(token) for token in tokenizer.get_vocab())
+
+
+def _too_many_chars(chars: int, max_model_len: int, max_chars: int, param: str) -> Exception:
+    return bad_request(
+        f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+        f"contains {chars} characters (more than {max_chars} characters, which is the upper bound "
+        f"for {max_model_len} tokens). Please reduce the length of the input prompt.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def _bound_text(text: str, req: SamplingFields, max_model_len: int, max_chars: int, param: str) -> str:
+    """Refuse (or, when truncating, cut) a text that cannot fit the context, before tokenising it."""
+    if len(text) <= max_chars:
+        return text
+    if req.truncate_prompt_tokens is None:
+        raise _too_many_chars(len(text), max_model_len, max_chars, param)
+    return text[:max_chars] if req.truncation_side == "right" else text[-max_chars:]
+
+
+def truncate(ids: list[int], req: SamplingFields, max_model_len: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: keep that many tokens (-1: the context less one), from the
+    end of the prompt unless ``truncation_side`` is ``"right"`` (vLLM truncates generation prompts
+    on the left)."""
+    keep = req.truncate_prompt_tokens
+    if keep is None:
+        return ids
+    if keep > max_model_len:
+        raise bad_request(
+            f"truncate_prompt_tokens={keep} cannot be greater than max_model_len={max_model_len}. "
+            "Please request a smaller truncation size.",
+            param="truncate_prompt_tokens",
+        )
+    if keep < 0:
+        keep = max_model_len - 1
+    if len(ids) <= keep:
+        return ids
+    return ids[:keep] if req.truncation_side == "right" else ids[len(ids) - keep :]
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -26,8 +79,11 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def completion_prompts(req: CompletionRequest, tokenizer: Any, vocab_size: int) -> list[list[int]]:
-    """The request's prompts as token-id lists (one or many; strings are tokenised)."""
+def completion_prompts(
+    req: CompletionRequest, tokenizer: Any, vocab_size: int, max_model_len: int, max_chars: int
+) -> list[list[int]]:
+    """The request's prompts as token-id lists (one or many; strings are tokenised, none longer
+    than ``max_chars`` characters)."""
     p = req.prompt
     if isinstance(p, str):
         raw: list[Any] = [p]
@@ -37,47 +93,80 @@ def completion_prompts(req: CompletionRequest, tokenizer: Any, vocab_size: int) 
         raw = list(p)
     if not raw:
         raise bad_request("prompt must not be empty", param="prompt")
+    if len(raw) * req.n > MAX_CHOICES:
+        raise bad_request(f"prompts × n must be at most {MAX_CHOICES}", param="n")
     prompts = []
     for item in raw:
-        ids = list(tokenizer.encode(item)) if isinstance(item, str) else list(item)
+        if isinstance(item, str):
+            text = _bound_text(item, req, max_model_len, max_chars, "prompt")
+            ids = list(tokenizer.encode(text, add_special_tokens=req.add_special_tokens))
+        else:
+            ids = list(item)
+        if ids and max(ids) >= vocab_size:
+            raise bad_request(f"token id {max(ids)} is out of vocabulary (size {vocab_size})", param="prompt")
+        ids = truncate(ids, req, max_model_len)
         if not ids:
             raise bad_request("prompt must not be empty", param="prompt")
-        if max(ids) >= vocab_size:
-            raise bad_request(f"token id {max(ids)} is out of vocabulary (size {vocab_size})", param="prompt")
         prompts.append(ids)
-    if len(prompts) * req.n > MAX_CHOICES:
-        raise bad_request(f"prompts × n must be at most {MAX_CHOICES}", param="n")
     return prompts
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
-    """Render the messages with the tokenizer's chat template and tokenise them."""
-    if not getattr(tokenizer, "chat_template", None):
+def chat_prompt(
+    req: ChatCompletionRequest, tokenizer: Any, max_model_len: int, max_chars: int, trust_template: bool
+) -> list[int]:
+    """Render the messages with the chat template and tokenise them. A template from the request is
+    refused unless ``trust_template``, and then rendered in a limited sandbox process."""
+    template, template_param = chat_template.requested_template(req)
+    if template is not None and not trust_template:
+        raise chat_template.refuse_untrusted(template_param or "chat_template")
+    if template is None and not getattr(tokenizer, "chat_template", None):
         raise bad_request(
             "this model's tokenizer has no chat template; use /v1/completions", param="messages"
         )
     messages = [
         {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages
     ]
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > max_chars and req.truncate_prompt_tokens is None:  # the template adds, never removes
+        raise _too_many_chars(chars, max_model_len, max_chars, "messages")
     kwargs = dict(req.chat_template_kwargs or {})
-    for reserved in ("tokenize", "add_generation_prompt", "continue_final_message", "conversation"):
-        kwargs.pop(reserved, None)
+    kwargs.pop("chat_template", None)
+    for reserved in ("tokenize", "add_generation_prompt", "continue_final_message", "conversation", "messages"):
+        if reserved in kwargs:  # would be overridden or break the call: say so instead of ignoring it
+            raise bad_request(
+                f"chat_template_kwargs.{reserved} is not accepted"
+                + (f"; use the request's {reserved} field" if "_" in reserved else ""),
+                param=f"chat_template_kwargs.{reserved}",
+                code="unsupported_parameter",
+            )
     if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
         raise bad_request(
             "continue_final_message needs add_generation_prompt=false and a final assistant message",
             param="continue_final_message",
         )
-    try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=req.add_generation_prompt,
-            continue_final_message=req.continue_final_message,
-            **kwargs,
-        )
-    except Exception as exc:  # a template that rejects these messages (jinja raise_exception, ...)
-        raise bad_request(f"the chat template failed on these messages: {exc}", param="messages") from exc
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if template is not None:
+        job = {
+            "template": template,
+            "messages": messages,
+            "kwargs": {**tokenizer.special_tokens_map, **kwargs},
+            "add_generation_prompt": req.add_generation_prompt,
+            "continue_final_message": req.continue_final_message,
+            "max_chars": max(max_chars, 1) * 4,
+        }
+        text = chat_template.renderer().render(job, template_param or "chat_template")
+    else:
+        try:
+            text = tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                **kwargs,
+            )
+        except Exception as exc:  # a template that rejects these messages (jinja raise_exception, ...)
+            raise bad_request(f"the chat template failed on these messages: {exc}", param="messages") from exc
+    text = _bound_text(text, req, max_model_len, max_chars, "messages")
+    ids = truncate(list(tokenizer.encode(text, add_special_tokens=req.add_special_tokens)), req, max_model_len)
     if not ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
     return ids
@@ -125,7 +214,10 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
         min_tokens=req.min_tokens,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        allowed_token_ids=req.allowed_token_ids,
+        bad_words=req.bad_words,
         output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
     )
     optional = {

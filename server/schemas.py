@@ -1,8 +1,11 @@
 """Request bodies of the OpenAI routes, validated strictly (a wrong JSON type is a 400, not a coercion).
 
-Unknown *fields* are accepted and ignored, as OpenAI and vLLM do, except the OpenAI features this
-server cannot honour (tools, structured output, logit bias, ...): those are rejected with a 400
-rather than silently ignored.
+Every field a request may carry is either honoured (with vLLM's semantics for vLLM's extras) or
+rejected with a 400 naming it — never accepted and ignored: a field this server does not know is
+refused as OpenAI does ("Unrecognized request argument supplied"), and the OpenAI/vLLM features it
+cannot honour (tools, structured output, logit bias, ...) are refused unless their value means
+"not used". An explicit ``null`` means the field's default, as in OpenAI and vLLM. Strings that are
+not valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON allows) are a 400.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from trainserve.server.errors import bad_request
 
 TokenId = Annotated[int, Field(ge=0)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 # field → value that is accepted because it means "feature not used"
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -33,11 +37,79 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "guided_grammar": (None,),
     "audio": (None,),
     "prediction": (None,),
+    "modalities": (None, ["text"]),
+    "parallel_tool_calls": (None,),
+    "documents": (None, []),
+    "length_penalty": (None, 1, 1.0),
+    "logprob_token_ids": (None,),
+    "logits_processors": (None,),
+    "mm_processor_kwargs": (None,),
+    "cache_salt": (None,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    "prompt_embeds": (None,),
+    "request_id": (None,),
+    "reasoning_effort": (None,),
+    "thinking_token_budget": (None,),
 }
+# the kinds of content part OpenAI and vLLM accept besides text, by the name used in the error
+_MEDIA_PARTS = {"image_url": "image", "image": "image", "input_image": "image", "input_audio": "audio",
+                "audio_url": "audio", "video_url": "video", "file": "file"}
+
+
+def _bad_unicode(value: Any, path: str) -> str | None:
+    """The path of the first string (key or value) in ``value`` that is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _bad_unicode(key, sub) is not None:
+                return path or "body"
+            found = _bad_unicode(item, sub)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _bad_unicode(item, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """``"n": null`` is ``n``'s default (OpenAI and vLLM accept explicit nulls)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is not None)
+        }
+
+
+class _Request(_Strict):
+    """A whole request body: checked for invalid Unicode before anything else reads it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _bad_unicode(data, "")
+        if where is not None:
+            raise bad_request(
+                f"{where} is not valid Unicode (it holds a lone surrogate)", param=where, code="invalid_unicode"
+            )
+        return data
 
 
 class StreamOptions(_Strict):
@@ -45,8 +117,10 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(_Strict):
+class SamplingFields(_Request):
     """Fields shared by ``/v1/completions`` and ``/v1/chat/completions`` (OpenAI and vLLM extras)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")  # unknown fields: refused below, by name
 
     model: str
     max_tokens: int | None = None
@@ -69,6 +143,14 @@ class SamplingFields(_Strict):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    priority: Int64 = 0
 
     @model_validator(mode="after")
     def _reject_unsupported(self) -> SamplingFields:
@@ -78,6 +160,17 @@ class SamplingFields(_Strict):
                 raise bad_request(
                     f"{name!r} is not supported by this server", param=name, code="unsupported_parameter"
                 )
+        unknown = [name for name in extra if name not in _UNSUPPORTED and name != "response_format"]
+        if unknown:
+            raise bad_request(
+                f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_parameter"
+            )
+        if self.priority != 0:  # vLLM's answer when the engine does not schedule by priority
+            raise bad_request(
+                "priority is not supported: this server's engine does not use priority scheduling",
+                param="priority",
+                code="unsupported_parameter",
+            )
         fmt = extra.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise bad_request(
@@ -92,6 +185,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
+    add_special_tokens: bool = True  # vLLM: the tokenizer's BOS etc. are added to text prompts
 
 
 class TextPart(_Strict):
@@ -112,6 +206,36 @@ class ChatMessage(_Strict):
         return "\n".join(part.text for part in self.content)
 
 
+def _check_messages(data: Any) -> Any:
+    """Name what a message holds that this server cannot honour (media parts, tool calls) instead of
+    pydantic's union error ("Input should be a valid string (and 2 more)"); drop empty such fields."""
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        return data
+    messages = []
+    for i, message in enumerate(data["messages"]):
+        if isinstance(message, dict):
+            content = message.get("content")
+            for part in content if isinstance(content, list) else []:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind in _MEDIA_PARTS:
+                    raise bad_request(
+                        f"{_MEDIA_PARTS[kind]} input is not supported by this server",
+                        param=f"messages.{i}.content",
+                        code="unsupported_content",
+                    )
+            extra = [k for k in message if k not in ChatMessage.model_fields]
+            for key in extra:
+                if message[key] not in (None, [], ""):
+                    raise bad_request(
+                        f"messages.{i}.{key} is not supported by this server",
+                        param=f"messages.{i}.{key}",
+                        code="unsupported_parameter",
+                    )
+            message = {k: v for k, v in message.items() if k not in extra}
+        messages.append(message)
+    return {**data, "messages": messages}
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -119,15 +243,38 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    add_special_tokens: bool = False  # vLLM: the chat template already holds the special tokens
+    chat_template: str | None = None  # only with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_message_parts(cls, data: Any) -> Any:
+        return _check_messages(data)
 
-class LoadLoraRequest(_Strict):
+
+class LoadLoraRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=128)
     lora_path: str = Field(min_length=1)
     load_inplace: bool = False
 
+    @model_validator(mode="after")
+    def _no_nul(self) -> LoadLoraRequest:
+        if "\x00" in self.lora_path:
+            raise bad_request("lora_path must not contain a NUL byte", param="lora_path")
+        return self
 
-class UnloadLoraRequest(_Strict):
+
+class UnloadLoraRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=128)
     lora_int_id: int | None = None
+
+    @model_validator(mode="after")
+    def _by_name_only(self) -> UnloadLoraRequest:
+        if self.lora_int_id is not None:  # it would be ignored: refuse it rather than unload by name alone
+            raise bad_request(
+                "lora_int_id is not supported: adapters are unloaded by lora_name",
+                param="lora_int_id",
+                code="unsupported_parameter",
+            )
+        return self

@@ -10,8 +10,11 @@ from trainserve.server.adapters_watch import AdapterWatcher
 from trainserve.server.generation import TokenText
 from trainserve.server.metrics import Metrics
 from trainserve.server.models import ModelTable
+from trainserve.server.sampling import max_chars_per_token
 
 logger = logging.getLogger("trainserve.server")
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -25,6 +28,15 @@ class ServerConfig:
     adapter_poll_interval: float = 1.0
     max_lora_rank: int | None = None  # as the user asked; defaults to the engine's
     drain_timeout: float = 300.0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    trust_request_chat_template: bool = False  # let requests replace the chat template (still sandboxed)
+
+    def __post_init__(self) -> None:
+        # ``--api-key "$KEY"`` with KEY unset must not start a server without authentication.
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty: pass a non-empty key, or none to serve without one")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
 
 
 class ServerState:
@@ -38,6 +50,8 @@ class ServerState:
         self.hf_config = hf_config
         self.config = config
         self.max_model_len = int(engine.spec.max_model_len)
+        # a text longer than this cannot fit the context: refused before tokenising (vLLM's bound)
+        self.max_prompt_chars = self.max_model_len * max_chars_per_token(self.tokenizer)
         self.vocab_size = int(hf_config.vocab_size)
         self.metrics = Metrics()
         self.models = ModelTable(

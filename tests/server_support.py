@@ -143,6 +143,7 @@ def start_server(
 
 
 _SHARED: dict[str, object] = {}
+SHARED_MAX_REQUEST_BYTES = 256 * 1024  # the shared server's --max-request-bytes
 
 
 def shared_server(config) -> ServerProcess:
@@ -153,7 +154,10 @@ def shared_server(config) -> ServerProcess:
         adapters.mkdir()
         make_adapter(adapters / "a1", seed=1)
         make_adapter(adapters / "a2", seed=2)
-        server = start_server(["--adapter-poll-interval", "0.2"], adapters_dir=adapters)
+        server = start_server(
+            ["--adapter-poll-interval", "0.2", "--max-request-bytes", str(SHARED_MAX_REQUEST_BYTES)],
+            adapters_dir=adapters,
+        )
         _SHARED["server"] = server
 
         def cleanup() -> None:
@@ -228,6 +232,16 @@ def bad_adapter(good: str | os.PathLike, out_dir: str | os.PathLike, kind: str) 
         cfg = None
     elif kind == "bad_alpha":
         cfg["lora_alpha"] = "lots"
+    elif kind == "string_alpha":  # float("16") works, vLLM's alpha / r does not
+        cfg["lora_alpha"] = "16"
+    elif kind == "huge_b":  # finite weights whose update overflows the activations
+        tensors = {k: v * 1e30 if "lora_B" in k else v for k, v in tensors.items()}
+    elif kind == "huge_alpha":
+        cfg["lora_alpha"] = 1e38
+    elif kind == "no_lora_b":
+        del tensors[first_a.replace("lora_A", "lora_B")]
+    elif kind == "rank_pattern":  # says rank 4 for q_proj, the tensors have rank 8
+        cfg["rank_pattern"] = {"q_proj": 4}
     else:
         raise ValueError(kind)
     if cfg is not None:

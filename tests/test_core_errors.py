@@ -63,9 +63,13 @@ def test_a_second_engine_with_other_settings_is_refused():
 
 def test_fast_generate_needs_fast_inference():
     model, _ = FastLanguageModel.from_pretrained(tiny_model(), load_in_4bit=False, fast_inference=False)
-    assert not hasattr(model, "fast_generate")
+    with pytest.raises(RuntimeError, match="fast_inference=True"):  # trainserve's error, not AttributeError
+        model.fast_generate("Hi")
     model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"])
-    assert not hasattr(model, "fast_generate")
+    for call in (lambda: model.fast_generate("Hi"), lambda: model.load_lora("adapters/none"),
+                 lambda: model.serve(port=0)):
+        with pytest.raises(RuntimeError, match="fast_inference=True"):
+            call()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 

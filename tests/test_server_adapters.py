@@ -105,6 +105,11 @@ BAD_KINDS = [
     "corrupt_weights",
     "corrupt_config",
     "bad_alpha",
+    "string_alpha",
+    "huge_b",
+    "huge_alpha",
+    "no_lora_b",
+    "rank_pattern",
 ]
 
 
@@ -154,6 +159,17 @@ def test_bad_adapters_are_400_and_everything_keeps_serving(http, server, pool):
             "/v1/load_lora_adapter", json={"lora_name": "o", "lora_path": cases["outside_abs"]}
         ).json()["error"]["message"]
     )
+    messages = {
+        kind: http.post("/v1/load_lora_adapter", json={"lora_name": "m", "lora_path": cases[kind]}).json()[
+            "error"
+        ]["message"]
+        for kind in ("bad_alpha", "string_alpha", "huge_b", "huge_alpha", "no_lora_b", "rank_pattern")
+    }
+    assert all("Error:" not in m for m in messages.values()), messages  # no raw Python exception text
+    assert "lora_alpha must be a finite number" in messages["string_alpha"]
+    assert "overflows" in messages["huge_b"] and "overflows" in messages["huge_alpha"]
+    assert "no lora_B tensor" in messages["no_lora_b"]
+    assert "rank_pattern (rank 4)" in messages["rank_pattern"]
     assert http.get("/health").json()["status"] == "ok"
     shutil.rmtree(outside)
 
@@ -244,3 +260,26 @@ def test_running_request_finishes_on_its_version(http, server, pool):
     metrics = http.get("/metrics").text
     assert 'trainserve_adapter_swaps_total{kind="reload"}' in metrics
     http.post("/v1/unload_lora_adapter", json={"lora_name": "pin"})
+
+
+def test_health_error_clears_when_the_good_content_returns(http, server):
+    """A rejected update is listed in /health; putting the served content back clears it (same digest)."""
+    flip = server.adapters_dir / "flip"
+    make_adapter(flip, seed=51)
+    good = server.adapters_dir.parent / "flip_good"
+    shutil.copytree(flip, good, dirs_exist_ok=True)
+
+    def errors():
+        return http.get("/health").json().get("adapter_errors", {})
+
+    bad = Path(bad_adapter(good, server.adapters_dir.parent / "flip_bad", "nan"))
+    weights = "adapter_model.safetensors"
+    assert wait_for(lambda: "flip" in _model_ids(http), what="flip to load")
+    shutil.copyfile(bad / weights, flip / weights)  # in place: the name stays served meanwhile
+    assert "NaN" in wait_for(lambda: errors().get("flip"), what="the rejection in /health")
+    shutil.copyfile(good / weights, flip / weights)  # the served content again (same digest)
+    wait_for(lambda: "flip" not in errors(), what="the error to clear")
+    assert complete(http, "flip", max_tokens=2)["system_fingerprint"] == "flip@v1"  # still the first version
+    for path in (flip, good, bad):
+        shutil.rmtree(path)
+    wait_for(lambda: "flip" not in _model_ids(http), what="flip to go")

@@ -44,7 +44,8 @@ def keyed_server():
 def test_api_key_required_on_every_route(keyed_server):
     body = {"model": keyed_server.model, "prompt": "x", "messages": [], "lora_name": "x", "lora_path": "x"}
     with httpx.Client(base_url=keyed_server.url, timeout=30) as anon:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        # only "Authorization: Bearer" carries the key (an x-api-key header is not read)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"x-api-key": KEY}):
             for method, path in ROUTES:
                 r = anon.request(method, path, json=body if method == "POST" else None, headers=headers)
                 assert r.status_code == 401, (method, path, headers, r.status_code)
@@ -133,3 +134,28 @@ def test_bad_cli_arguments_exit_2(tmp_path):
     ]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not a directory" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_empty_api_key_is_refused(tmp_path, how):
+    """``--api-key "$KEY"`` with KEY unset must not start a server without authentication."""
+    import os
+
+    args = [sys.executable, "-m", "trainserve.cli", "serve", "some-model"]
+    env = {k: v for k, v in os.environ.items() if k != "TRAINSERVE_API_KEY"}
+    if how == "flag":
+        args += ["--api-key", ""]
+    else:
+        env["TRAINSERVE_API_KEY"] = " "
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "empty" in result.stderr, result.stderr
+
+
+def test_empty_api_key_is_refused_by_model_serve():
+    from trainserve.server.embed import serve_model
+    from trainserve.server.state import ServerConfig
+
+    with pytest.raises(ValueError, match="empty"):
+        serve_model(object(), api_key="")
+    with pytest.raises(ValueError, match="empty"):
+        ServerConfig("m", api_key="")

@@ -18,6 +18,20 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Modules the base model has but the engine serves no LoRA on (named so, not "unknown").
+UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
+
+
+def unsupported_targets_message(names: list[str]) -> str:
+    """Why LoRA on ``names`` is refused: unsupported (embed_tokens, lm_head) or unknown modules."""
+    known = [n for n in names if n.rsplit(".", 1)[-1] in UNSUPPORTED_TARGETS]
+    unknown = [n for n in names if n not in known]
+    parts = []
+    if known:
+        parts.append(f"LoRA on {known} is not supported (the engine serves LoRA on the linear projections only)")
+    if unknown:
+        parts.append(f"target modules {unknown} do not exist in the base model")
+    return f"{'; '.join(parts)}; supported target modules: {list(SUPPORTED_TARGETS)}"
 
 
 class AdapterError(ValueError):
@@ -52,17 +66,96 @@ def _module_dims(config: Any) -> dict[str, tuple[int, int]]:
     }
 
 
-def validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: int) -> AdapterInfo:
-    """Check a PEFT LoRA directory against the base model; raise :class:`AdapterError` if unusable."""
+def validate_adapter_dir(
+    path: str | os.PathLike, config: Any, max_lora_rank: int, dtype: Any = None
+) -> AdapterInfo:
+    """Check a PEFT LoRA directory against the base model; raise :class:`AdapterError` if unusable.
+
+    ``dtype`` is the engine's compute dtype (``"bfloat16"``, a ``torch.dtype``, ...; default: the
+    model config's): the adapter's effective update must stay finite in it (see :func:`_check_delta`).
+    """
     try:
-        return _validate_adapter_dir(path, config, max_lora_rank)
+        return _validate_adapter_dir(path, config, max_lora_rank, dtype)
     except AdapterError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:  # malformed config values
         raise AdapterError(f"invalid adapter at {str(path)!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: int) -> AdapterInfo:
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _scales(cfg: dict[str, Any], rank: int, max_lora_rank: int) -> tuple[float, dict, dict, bool]:
+    """Check ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and ``use_rslora`` (vLLM and PEFT would
+    fail on them with a bare ``TypeError`` or silently compute another scale)."""
+    alpha = cfg.get("lora_alpha", rank)
+    if not _number(alpha) or not math.isfinite(alpha):
+        raise AdapterError(f"lora_alpha must be a finite number, got {alpha!r}")
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise AdapterError("rank_pattern and alpha_pattern must be objects (module pattern → value)")
+    for key, r in rank_pattern.items():
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise AdapterError(f"rank_pattern[{key!r}] = {r!r} is not a positive integer")
+        if r > max_lora_rank:
+            raise AdapterError(f"adapter rank {r} (rank_pattern[{key!r}]) exceeds max_lora_rank {max_lora_rank}")
+    for key, a in alpha_pattern.items():
+        if not _number(a) or not math.isfinite(a):
+            raise AdapterError(f"alpha_pattern[{key!r}] = {a!r} is not a finite number")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterError(f"use_rslora must be true or false, got {rslora!r}")
+    return float(alpha), rank_pattern, alpha_pattern, rslora
+
+
+def _module_rank_and_scale(
+    module: str, rank: int, alpha: float, rank_pattern: dict, alpha_pattern: dict, rslora: bool
+) -> tuple[int, float]:
+    """PEFT's (and vLLM's) per-module rank and scale: the first pattern matching a suffix of the name."""
+    from peft.utils.other import get_pattern_key
+
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), rank) if rank_pattern else rank
+    a = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha) if alpha_pattern else alpha
+    return r, (a / math.sqrt(r) if rslora else a / r)
+
+
+def _check_delta(module: str, a: Any, b: Any, scale: float, dtype: Any) -> None:
+    """Refuse an update ``scale·B·A`` that overflows the compute dtype when applied.
+
+    Finite weights are not enough: ``lora_B × 1e30`` or ``lora_alpha = 1e38`` pass a NaN check, yet
+    every answer is NaN logits (empty text at logprob −9999). ``M = scale·max_i Σ_r |B_ir|·‖A_r‖₁``
+    bounds ``|ΔW·x|`` for activations of magnitude ≤ 1; it must be finite in the compute dtype and
+    below ``sqrt(float32 max)`` (≈1.8e19), past which the float32 square in the next RMSNorm is inf.
+    """
+    import torch
+
+    finfo = torch.finfo(dtype)
+    limit = min(finfo.max, math.sqrt(torch.finfo(torch.float32).max))
+    for name, t in (("lora_A", a), ("lora_B", b * scale)):
+        if not bool(t.to(dtype).isfinite().all()):
+            raise AdapterError(f"{module}: {name} (scaled by {scale:g}) overflows {dtype}")
+    bound = scale * float((b.double().abs() @ a.double().abs().sum(dim=1)).max())
+    if not bound <= limit:
+        raise AdapterError(
+            f"{module}: the adapter's update scale·B·A reaches {bound:.3g} per unit input, "
+            f"which overflows {dtype} activations (limit {limit:.3g})"
+        )
+
+
+def _compute_dtype(config: Any, dtype: Any) -> Any:
+    import torch
+
+    value = dtype if dtype is not None else getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None) if value != "auto" else None
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def _validate_adapter_dir(
+    path: str | os.PathLike, config: Any, max_lora_rank: int, dtype: Any = None
+) -> AdapterInfo:
     from safetensors import safe_open
 
     root = Path(path)
@@ -103,9 +196,12 @@ def _validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: i
     targets = [targets] if isinstance(targets, str) else list(targets)
     bad = [t for t in targets if t.rsplit(".", 1)[-1] not in SUPPORTED_TARGETS]
     if bad:
-        raise AdapterError(f"target modules {bad} do not exist in the base model (supported: {SUPPORTED_TARGETS})")
+        raise AdapterError(unsupported_targets_message(bad))
+    alpha, rank_pattern, alpha_pattern, rslora = _scales(cfg, rank, max_lora_rank)
+    compute_dtype = _compute_dtype(config, dtype)
     dims = _module_dims(config)
     digest = hashlib.sha256(cfg_path.read_bytes())
+    pairs: dict[str, dict[str, Any]] = {}  # module path → {"lora_A": tensor, "lora_B": tensor}
     try:
         with safe_open(str(weights), framework="pt") as f:
             keys = list(f.keys())
@@ -120,14 +216,25 @@ def _validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: i
                 if module not in dims:
                     raise AdapterError(f"tensor {key!r} targets {module!r}, which the base model lacks")
                 tensor = f.get_tensor(key)
+                path_of_module = ".".join(parts[: parts.index(which)])
+                mrank, _ = _module_rank_and_scale(
+                    path_of_module.removeprefix("base_model.model."), rank, alpha, rank_pattern, alpha_pattern, rslora
+                )
                 in_f, out_f = dims[module]
-                want = (rank, in_f) if which == "lora_A" else (out_f, rank)
+                want = (mrank, in_f) if which == "lora_A" else (out_f, mrank)
                 if tuple(tensor.shape) != want:
-                    raise AdapterError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the base model needs {want}")
+                    source = "rank_pattern" if mrank != rank else "r"
+                    raise AdapterError(
+                        f"tensor {key!r} has shape {tuple(tensor.shape)}, the base model and the config's "
+                        f"{source} (rank {mrank}) need {want}"
+                    )
                 if not bool(tensor.float().isfinite().all()):
                     raise AdapterError(f"tensor {key!r} contains NaN or Inf")
                 digest.update(key.encode())
                 digest.update(tensor.float().numpy().tobytes())
+                if which in pairs.setdefault(path_of_module, {}):
+                    raise AdapterError(f"{path_of_module} has two {which} tensors")
+                pairs[path_of_module][which] = tensor.float()
     except AdapterError:
         raise
     except Exception as exc:  # corrupt or truncated file
@@ -135,8 +242,13 @@ def _validate_adapter_dir(path: str | os.PathLike, config: Any, max_lora_rank: i
     layers = {int(p) for k in keys for p in [k.split("layers.")[1].split(".")[0]] if "layers." in k}
     if layers and max(layers) >= config.num_hidden_layers:
         raise AdapterError(f"adapter has layer {max(layers)}, the base model has {config.num_hidden_layers} layers")
-    if not math.isfinite(float(cfg.get("lora_alpha", rank))):
-        raise AdapterError("lora_alpha is not finite")
+    for module_path, pair in pairs.items():
+        missing = {"lora_A", "lora_B"} - set(pair)
+        if missing:
+            raise AdapterError(f"{module_path} has no {missing.pop()} tensor (LoRA needs lora_A and lora_B)")
+        name = module_path.removeprefix("base_model.model.")
+        _, scale = _module_rank_and_scale(name, rank, alpha, rank_pattern, alpha_pattern, rslora)
+        _check_delta(name, pair["lora_A"], pair["lora_B"], scale, compute_dtype)
     return AdapterInfo(str(root.resolve()), rank, tuple(targets), digest.hexdigest()[:16])
 
 
@@ -155,7 +267,7 @@ class AdapterRegistry:
         """Validate and register the adapter at ``path``; same content → same request (and id)."""
         from vllm.lora.request import LoRARequest
 
-        info = validate_adapter_dir(path, self.config, self.engine.spec.max_lora_rank)
+        info = validate_adapter_dir(path, self.config, self.engine.spec.max_lora_rank, self.engine.spec.dtype)
         with self._lock:
             known = self._by_digest.get(info.digest)
             if known is not None and (name is None or known.lora_name == name):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from trainserve import model_api
-from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry
+from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry, unsupported_targets_message
+from trainserve.checkpointing import normalize_gc_mode
+from trainserve.precision import check_model_dims, resolve_precision
+from trainserve.rope_config import apply_rope_parameters, check_supported, normalize_rope_scaling
 
 logger = logging.getLogger("trainserve")
 
@@ -18,10 +24,17 @@ ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 # Seed arguments this release accepts only at their default value.
 _DEFAULT_ONLY = {
-    "resize_model_vocab": None, "offload_embedding": False, "float32_mixed_precision": None,
-    "qat_scheme": None, "load_in_fp8": False, "unsloth_tiled_mlp": False, "use_exact_model_name": False,
+    "resize_model_vocab": None, "offload_embedding": False,
+    "qat_scheme": None, "unsloth_tiled_mlp": False,
 }
-_4BIT_WARNED = False
+# Seed arguments whose other harmless values mean what trainserve does anyway: trainserve never
+# swaps the model name for another repository (use_exact_model_name=True), and it trains in the
+# model's dtype (float32_mixed_precision=False).
+_ACCEPTED_VALUES: dict[str, tuple[Any, ...]] = {
+    "use_exact_model_name": (False, True), "float32_mixed_precision": (None, False),
+}
+# device_map values meaning "the one default device" ({"": device} is accelerate's spelling).
+_SINGLE_DEVICE_MAPS = ("sequential", "auto", "balanced", None, "cpu", "cuda", "cuda:0", 0)
 
 
 def _fast_model_class(model_type: str) -> Any:
@@ -35,6 +48,10 @@ def _reject_unsupported(kwargs: dict[str, Any]) -> None:
         value = kwargs.pop(name, default)
         if value != default:
             raise NotImplementedError(f"{name}={value!r} is not supported by trainserve yet")
+    for name, allowed in _ACCEPTED_VALUES.items():
+        value = kwargs.pop(name, allowed[0])
+        if not any(value is a for a in allowed):
+            raise NotImplementedError(f"{name}={value!r} is not supported (accepted: {allowed})")
     if kwargs:
         raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
 
@@ -65,7 +82,7 @@ class FastLanguageModel:
         model_name: str,
         max_seq_length: int = 2048,
         dtype: Any = None,
-        load_in_4bit: bool = True,
+        load_in_4bit: bool | None = None,
         load_in_8bit: bool = False,
         load_in_16bit: bool = False,
         full_finetuning: bool = False,
@@ -84,6 +101,8 @@ class FastLanguageModel:
         max_loras: int = 1,
         disable_log_stats: bool = True,
         standby: bool = True,
+        load_in_fp8: bool | str = False,
+        quant_backend: str = "trainserve",
         **kwargs: Any,
     ) -> tuple[Any, Any]:
         """Return ``(model, tokenizer)``. With ``fast_inference=True`` a colocated vLLM engine owns the
@@ -91,28 +110,30 @@ class FastLanguageModel:
 
         ``max_loras``: engine LoRA slots for saved adapters (``load_lora``), besides the two that hold
         the live adapter; more slots let one batch mix more saved adapters but slow vLLM's LoRA
-        kernels a little. ``standby`` (CUDA): free the KV cache while the trainer runs."""
+        kernels a little. ``standby`` (CUDA): free the KV cache while the trainer runs.
+
+        Weight formats (one of): ``load_in_4bit`` (the default when no other is asked: trainserve's
+        own int4 engine format, or NF4 through vLLM's bitsandbytes with ``quant_backend="bitsandbytes"``),
+        ``load_in_8bit`` (int8), ``load_in_fp8`` (``True``: FP8 with per-channel scales, ``"block"``:
+        128x128 block scales), ``load_in_16bit`` / ``full_finetuning`` (16-bit). Without CUDA the
+        quantised formats warn once and load ``dtype`` weights."""
         from transformers import AutoConfig, AutoTokenizer
 
-        global _4BIT_WARNED
         _reject_unsupported(kwargs)
         cuda = torch.cuda.is_available()
-        if load_in_8bit:
-            raise NotImplementedError("load_in_8bit=True is not supported; use load_in_4bit or 16-bit")
-        if load_in_16bit or full_finetuning:
-            load_in_4bit = False
-        if load_in_4bit and not cuda:
-            if not _4BIT_WARNED:
-                warnings.warn("load_in_4bit=True needs CUDA; this machine has none, loading 16-bit weights instead",
-                              stacklevel=2)
-                _4BIT_WARNED = True
-            load_in_4bit = False
+        torch_dtype = _resolve_dtype(dtype, cuda)
+        precision = resolve_precision(
+            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, load_in_16bit=load_in_16bit,
+            load_in_fp8=load_in_fp8, full_finetuning=full_finetuning, quant_backend=quant_backend,
+            fast_inference=fast_inference, cuda=cuda, dtype_name=str(torch_dtype).removeprefix("torch."))
         if full_finetuning and fast_inference:
             raise NotImplementedError("full_finetuning=True with fast_inference=True is not supported")
         if float8_kv_cache and not cuda:
             raise NotImplementedError("float8_kv_cache=True needs CUDA")
-        if device_map not in ("sequential", "auto", None, "cpu", "cuda", "cuda:0", 0, {"": 0}):
-            raise NotImplementedError(f"device_map={device_map!r} is not supported (single device only)")
+        _check_device_map(device_map, cuda)
+        gc_mode = normalize_gc_mode(use_gradient_checkpointing)
+        if not isinstance(disable_log_stats, bool):
+            raise ValueError(f"disable_log_stats must be True or False, got {disable_log_stats!r}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if max_seq_length < 1:
@@ -125,16 +146,19 @@ class FastLanguageModel:
             raise NotImplementedError(
                 f"model_type {model_type!r} is not supported (supported: {sorted(ARCHITECTURES)})")
         fast_cls = _fast_model_class(model_type)
+        # Everything that can be refused is refused here, before an engine starts.
+        fast_cls.validate_config(config, rope_scaling=rope_scaling)
+        rope_parameters = None
         if rope_scaling is not None:
-            fast_cls.validate_config(config, rope_scaling=rope_scaling)
-            if model_type == "qwen2":
-                raise ValueError("Qwen2 does not support rope_scaling; leave it None")
-            config.rope_scaling = rope_scaling
+            rope_parameters = normalize_rope_scaling(config, rope_scaling)
+            apply_rope_parameters(config, rope_parameters)
+        if fast_inference:
+            _check_engine_config(config)
         if max_seq_length > config.max_position_embeddings and rope_scaling is None:
             warnings.warn(f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
                           f"{config.max_position_embeddings}; using {config.max_position_embeddings}", stacklevel=2)
             max_seq_length = config.max_position_embeddings
-        torch_dtype = _resolve_dtype(dtype, cuda)
+        check_model_dims(precision, config)
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, revision=revision,
                                                   trust_remote_code=trust_remote_code)
         if fix_tokenizer:
@@ -142,28 +166,34 @@ class FastLanguageModel:
         torch.manual_seed(random_state)
 
         if fast_inference:
-            model = _load_colocated(model_name, config, torch_dtype, max_seq_length, max_lora_rank, max_loras,
-                                    gpu_memory_utilization, random_state, float8_kv_cache, tokenizer,
-                                    load_in_4bit=load_in_4bit, standby=cuda and standby)
+            engine_options = dict(revision=revision, token=token, trust_remote_code=trust_remote_code,
+                                  disable_log_stats=disable_log_stats,
+                                  rope_parameters=None if rope_parameters is None else json.dumps(
+                                      rope_parameters, sort_keys=True))
+            with _shutdown_on_failure():
+                model = _load_colocated(model_name, config, torch_dtype, max_seq_length, max_lora_rank, max_loras,
+                                        gpu_memory_utilization, random_state, float8_kv_cache, tokenizer,
+                                        quantization=precision.engine_quantization, standby=cuda and standby,
+                                        engine_options=engine_options)
+                _finish_model(model, fast_cls, max_seq_length, gc_mode, fast=True)
+            return model, tokenizer
         else:
             from transformers import AutoModelForCausalLM
 
             quant = None
-            if load_in_4bit:
+            if precision.hf_bnb_bits is not None:  # no engine: the trainer alone, on bitsandbytes
                 from transformers import BitsAndBytesConfig
 
-                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_use_double_quant=True)
+                quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_use_double_quant=True)
+                         if precision.hf_bnb_bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
             model = AutoModelForCausalLM.from_pretrained(
                 model_name, config=config, dtype=torch_dtype, token=token, revision=revision,
                 trust_remote_code=trust_remote_code, device_map="cuda" if cuda else None,
                 quantization_config=quant)
             if not full_finetuning:
                 model.requires_grad_(False)
-        model.max_seq_length = max_seq_length
-        model.__dict__["_trainserve_gc"] = use_gradient_checkpointing
-        fast_cls.patch_model(model, use_gradient_checkpointing=False)
-        model_api.attach_api(model, fast=fast_inference)
+        _finish_model(model, fast_cls, max_seq_length, gc_mode, fast=False)
         return model, tokenizer
 
     @staticmethod
@@ -203,9 +233,10 @@ class FastLanguageModel:
         if isinstance(target_modules, str):
             target_modules = [target_modules]
         unknown = [t for t in target_modules if t not in SUPPORTED_TARGETS]
-        if unknown or not target_modules:
-            raise ValueError(
-                f"unknown target modules {unknown or target_modules}; choose from {list(SUPPORTED_TARGETS)}")
+        if not target_modules:
+            raise ValueError(f"target modules is empty; choose from {list(SUPPORTED_TARGETS)}")
+        if unknown:
+            raise ValueError(unsupported_targets_message(unknown))
         if bias != "none":
             raise NotImplementedError(f"bias={bias!r} is not supported; use bias='none'")
         if modules_to_save:
@@ -230,7 +261,9 @@ class FastLanguageModel:
             peft_model.max_seq_length = max_seq_length
         if state is not None:
             from trainserve.engine.live_adapter import LiveAdapter
+            from trainserve.merge_guard import guard_merges
 
+            guard_merges(peft_model)  # the base is the engine's: merging would change what it serves
             state.peft_model = peft_model
             state.live = LiveAdapter(state.engine, peft_model)
         model_api.attach_api(peft_model, fast=state is not None)
@@ -249,6 +282,64 @@ class FastLanguageModel:
         return model
 
 
+def _check_engine_config(config: Any) -> None:
+    """Refuse, before the engine starts, configs that vLLM would reject after loading (leaving
+    nothing useful behind) or serve differently from the trainer."""
+    check_supported(config)
+    kinds = sorted(set(getattr(config, "layer_types", None) or []))
+    if len(kinds) > 1:
+        raise NotImplementedError(
+            f"the model's config mixes attention types per layer ({kinds}: sliding-window attention on some "
+            "layers only, e.g. use_sliding_window with max_window_layers < num_hidden_layers); vLLM does not "
+            "serve that. Use fast_inference=False or a config with one attention type")
+
+
+def _check_device_map(device_map: Any, cuda: bool) -> None:
+    """``device_map`` may only name the one device trainserve uses: CUDA when present, else the CPU."""
+    value = device_map
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise NotImplementedError(f"device_map={device_map!r} is not supported (single device only)")
+        value = device_map[""]
+    if isinstance(value, torch.device):
+        value = "cuda:0" if value.type == "cuda" and value.index in (None, 0) else str(value)
+    if isinstance(value, bool) or value not in _SINGLE_DEVICE_MAPS:
+        raise NotImplementedError(f"device_map={device_map!r} is not supported (single device only)")
+    if value in ("cuda", "cuda:0", 0) and not cuda:
+        raise ValueError(f"device_map={device_map!r} asks for CUDA, which this machine does not have")
+    if value == "cpu" and cuda:
+        raise NotImplementedError(f"device_map={device_map!r}: with CUDA available trainserve places the model "
+                                  "on the GPU; CPU placement on a CUDA machine is not supported")
+
+
+@contextlib.contextmanager
+def _shutdown_on_failure() -> Iterator[None]:
+    """Stop the engine this load started if the load then fails, so the next load can start one.
+
+    An engine that was already running (reused: the same settings) keeps running: other models
+    of this process are built on it.
+    """
+    from trainserve.engine.launch import current_engine, shutdown_engine
+
+    before = current_engine()
+    try:
+        yield
+    except BaseException:
+        started = current_engine()
+        if started is not None and started is not before:
+            logger.warning("loading failed after the vLLM engine started; shutting the engine down")
+            shutdown_engine()
+        raise
+
+
+def _finish_model(model: Any, fast_cls: Any, max_seq_length: int, gc_mode: Any, fast: bool) -> None:
+    """Patch the training forward (with ``from_pretrained``'s checkpointing mode, which full
+    fine-tuning uses; ``get_peft_model`` sets its own) and bind the trainserve methods."""
+    model.max_seq_length = max_seq_length
+    fast_cls.patch_model(model, use_gradient_checkpointing=gc_mode)
+    model_api.attach_api(model, fast=fast)
+
+
 def _setup_gradient_checkpointing(peft_model: Any, mode: Any) -> None:
     if mode not in (True, False, "unsloth"):
         raise ValueError(f"use_gradient_checkpointing must be True, False or 'unsloth', got {mode!r}")
@@ -258,8 +349,10 @@ def _setup_gradient_checkpointing(peft_model: Any, mode: Any) -> None:
 
 def _load_colocated(model_name: str, config: Any, dtype: torch.dtype, max_seq_length: int, max_lora_rank: int,
                     max_loras: int, gpu_memory_utilization: float, seed: int, float8_kv_cache: bool,
-                    tokenizer: Any, load_in_4bit: bool = False, standby: bool = False) -> Any:
+                    tokenizer: Any, quantization: str | None = None, standby: bool = False,
+                    engine_options: dict[str, Any] | None = None) -> Any:
     from trainserve.engine.launch import EngineSpec, round_lora_rank, start_engine
+    from trainserve.engine.standby import install_trainer_hook
     from trainserve.weights import build_shared_model
 
     spec = EngineSpec(
@@ -270,15 +363,17 @@ def _load_colocated(model_name: str, config: Any, dtype: torch.dtype, max_seq_le
         max_lora_rank=round_lora_rank(max_lora_rank),
         max_loras=max_loras,
         gpu_memory_utilization=gpu_memory_utilization,
-        quantization="bitsandbytes" if load_in_4bit else None,
+        quantization=quantization,
         seed=seed,
         kv_cache_dtype="fp8" if float8_kv_cache else "auto",
         enable_sleep_mode=standby,
+        **(engine_options or {}),
     )
     engine = start_engine(spec)
     if engine.adapters is None:
         engine.adapters = AdapterRegistry(engine, config)
     model = build_shared_model(engine.model, config, dtype)
+    install_trainer_hook(model, engine.standby)
     model.__dict__["_trainserve"] = model_api.ModelState(
         engine=engine, config=config, registry=engine.adapters, tokenizer=tokenizer, max_lora_rank=max_lora_rank)
     return model

@@ -13,6 +13,9 @@ from typing import Any
 
 from trainserve.adapters import AdapterRegistry
 
+_NEEDS_ENGINE = ("needs the colocated vLLM engine: load the model with "
+                 "FastLanguageModel.from_pretrained(..., fast_inference=True)")
+
 
 @dataclass
 class ModelState:
@@ -81,7 +84,7 @@ def fast_generate(self: Any, prompts: Any, sampling_params: Any = None, lora_req
         raise TypeError(f"fast_generate got unexpected arguments {sorted(kwargs)}")
     state = state_of(self)
     if state is None:
-        raise RuntimeError("fast_generate needs FastLanguageModel.from_pretrained(..., fast_inference=True)")
+        raise RuntimeError(f"fast_generate {_NEEDS_ENGINE}")
     from vllm import SamplingParams
 
     params = sampling_params if sampling_params is not None else SamplingParams()
@@ -118,22 +121,26 @@ def load_lora(self: Any, save_directory: str | os.PathLike, load_tensors: bool =
         raise NotImplementedError("load_lora(load_tensors=True) is not supported; adapters load from disk")
     state = state_of(self)
     if state is None:
-        raise RuntimeError("load_lora needs FastLanguageModel.from_pretrained(..., fast_inference=True)")
+        raise RuntimeError(f"load_lora {_NEEDS_ENGINE}")
     return state.registry.load(save_directory, name=name)
 
 
 def serve(self: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           background: bool = True, **kwargs: Any) -> Any:
     """Serve this model's colocated engine over the OpenAI HTTP API (``live`` = the training adapter)."""
+    if state_of(self) is None:
+        raise RuntimeError(f"serve {_NEEDS_ENGINE}")
     from trainserve.server.embed import serve_model
 
     return serve_model(self, host=host, port=port, api_key=api_key, background=background, **kwargs)
 
 
 def attach_api(model: Any, fast: bool) -> None:
-    """Bind the trainserve methods onto ``model`` (a transformers or PEFT model)."""
-    if fast:
-        model.fast_generate = types.MethodType(fast_generate, model)
-        model.load_lora = types.MethodType(load_lora, model)
-        model.serve = types.MethodType(serve, model)
+    """Bind the trainserve methods onto ``model`` (a transformers or PEFT model).
+
+    The engine methods are bound without an engine too (``fast=False``): calling them then raises
+    trainserve's error saying how to get one, not an ``AttributeError``."""
+    model.fast_generate = types.MethodType(fast_generate, model)
+    model.load_lora = types.MethodType(load_lora, model)
+    model.serve = types.MethodType(serve, model)
     model.save_lora = types.MethodType(save_lora, model)

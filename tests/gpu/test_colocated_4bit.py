@@ -1,4 +1,5 @@
-"""Issue 5 on the GPU: 4-bit base weights shared by bitsandbytes training and vLLM's bnb engine.
+"""The bitsandbytes path on the GPU (``quant_backend="bitsandbytes"``): NF4 weights shared by
+bitsandbytes training and vLLM's bnb engine.
 
 Skipped without CUDA, vLLM or bitsandbytes. Uses a random-weight model of the Qwen2-0.5B shape.
 """
@@ -16,7 +17,8 @@ pytest.importorskip("bitsandbytes")
 PROMPT = "The secret phrase is"
 TARGET = " open the blue door slowly."
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-KW = dict(max_seq_length=512, load_in_4bit=True, fast_inference=True, gpu_memory_utilization=0.3, max_lora_rank=16)
+KW = dict(max_seq_length=512, load_in_4bit=True, quant_backend="bitsandbytes", fast_inference=True,
+          gpu_memory_utilization=0.3, max_lora_rank=16)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +107,11 @@ def test_4bit_train_then_generate_parity_and_standby(path):
     model.eval()
     live = _greedy(model)
     assert live[: len(t_ids) - 1] == t_ids[:-1]
-    with torch.no_grad():
+    standby = state_of(model).engine.standby
+    assert standby.enabled and not standby.released  # lazy: generating does not release
+    with torch.no_grad():  # a trainer forward does
         hf = model.generate(torch.tensor([p_ids], device="cuda"), max_new_tokens=12, do_sample=False)
     assert live == hf[0, len(p_ids):].tolist()[: len(live)]
-    standby = state_of(model).engine.standby
-    assert standby.enabled and standby.released and standby.freed_bytes > 0
+    assert standby.released and standby.freed_bytes > 0
     with model.disable_adapter():
         assert _greedy(model)[: len(t_ids) - 1] != t_ids[:-1]

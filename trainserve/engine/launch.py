@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trainserve._env import apply_env_defaults, require_inprocess_engine
@@ -40,6 +42,19 @@ class EngineSpec:
     # GPU: CUDA graphs per number of active adapters, so one adapter (the live one) runs vLLM's
     # LoRA kernels over one slot, not over every slot.
     specialize_active_lora: bool = False
+    # Hub access, passed to vLLM as given to from_pretrained so both sides load the same files.
+    revision: str | None = None
+    trust_remote_code: bool = False
+    disable_log_stats: bool = True
+    # RoPE parameters (JSON of a transformers-5 ``rope_parameters`` dict) given to vLLM as an
+    # ``hf_overrides`` entry: the trainer's config gets the very same dict.
+    rope_parameters: str | None = None
+    # A secret: kept out of repr, of comparisons (it does not change what is loaded) and of errors.
+    token: str | None = field(default=None, repr=False, compare=False)
+
+    def public_fields(self) -> dict[str, Any]:
+        """The spec's fields without secrets (for messages and logs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
 
 
 class Engine:
@@ -95,7 +110,8 @@ def start_engine(spec: EngineSpec) -> Engine:
     if _CURRENT is not None:
         if _CURRENT.spec == spec:
             return _CURRENT
-        diff = {k: (v, asdict(spec)[k]) for k, v in asdict(_CURRENT.spec).items() if asdict(spec)[k] != v}
+        want = spec.public_fields()
+        diff = {k: (v, want[k]) for k, v in _CURRENT.spec.public_fields().items() if want[k] != v}
         raise RuntimeError(
             "trainserve runs one vLLM engine per process and one is already running with other "
             f"settings {diff} (running, requested). Call trainserve.shutdown_engine() first."
@@ -107,6 +123,9 @@ def start_engine(spec: EngineSpec) -> Engine:
     from trainserve.engine import vllm_compat
 
     arch = vllm_compat.register_shared_weight_architecture(spec.architecture)
+    overrides: dict[str, Any] = {"architectures": [arch]}
+    if spec.rope_parameters is not None:
+        overrides["rope_parameters"] = json.loads(spec.rope_parameters)
     kwargs: dict[str, Any] = dict(
         model=spec.model_path,
         tokenizer=spec.model_path,
@@ -119,19 +138,39 @@ def start_engine(spec: EngineSpec) -> Engine:
         gpu_memory_utilization=spec.gpu_memory_utilization,
         seed=spec.seed,
         enable_prefix_caching=spec.enable_prefix_caching,
-        enforce_eager=spec.enforce_eager,
-        hf_overrides={"architectures": [arch]},
+        # TRAINSERVE_ENFORCE_EAGER=1: no torch.compile / CUDA graphs (fast start for GPU tests)
+        enforce_eager=spec.enforce_eager or os.environ.get("TRAINSERVE_ENFORCE_EAGER") == "1",
+        hf_overrides=overrides,
         kv_cache_dtype=spec.kv_cache_dtype,
+        revision=spec.revision,
+        tokenizer_revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        disable_log_stats=spec.disable_log_stats,
     )
+    if spec.token is not None:
+        kwargs["hf_token"] = spec.token
     if spec.quantization:
+        if spec.quantization.startswith("trainserve_"):
+            from trainserve.engine.quant_method import register
+
+            register(spec.quantization)  # vLLM's public registration API; idempotent
         kwargs["quantization"] = spec.quantization
-    if spec.enable_sleep_mode:
+    sleep_mode = spec.enable_sleep_mode
+    if sleep_mode and vllm_compat.cumem_bytes_in_use():
+        # vLLM allows one sleep-mode engine per process while memory of an earlier one is alive
+        # (a model built on the old engine that is still referenced keeps it): run without standby.
+        logger.warning("KV standby is off for this engine: %.1f GB of an earlier engine's memory is still "
+                       "allocated (drop models built on it before trainserve.shutdown_engine())",
+                       vllm_compat.cumem_bytes_in_use() / 1e9)
+        sleep_mode = False
+    if sleep_mode:
         kwargs["enable_sleep_mode"] = True
     if spec.specialize_active_lora:
         kwargs["specialize_active_lora"] = True
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     _CURRENT = Engine(spec, llm, time.perf_counter() - t0)
+    _CURRENT.standby.enabled = sleep_mode
     logger.info("vLLM engine started in %.1f s", _CURRENT.start_seconds)
     return _CURRENT
 
@@ -141,11 +180,19 @@ def shutdown_engine() -> None:
     global _CURRENT
     if _CURRENT is None:
         return
+    from trainserve.engine import vllm_compat
+
     engine, _CURRENT = _CURRENT, None
     engine.loop.stop_background(drain=False)
+    try:  # freed KV memory must be mapped again before its allocations can be freed normally
+        engine.standby.before_generate()
+    except Exception:  # best effort
+        logger.debug("standby restore at shutdown raised", exc_info=True)
     try:
         engine.llm.llm_engine.engine_core.shutdown()
     except Exception:  # best effort: the objects are dropped below either way
         logger.debug("engine shutdown raised", exc_info=True)
     del engine
+    gc.collect()
+    vllm_compat.release_cumem_pools()  # so a later engine may use sleep mode again
     gc.collect()

@@ -159,6 +159,36 @@ def _cumem_allocator() -> Any:
     return CuMemAllocator.get_instance()
 
 
+def cumem_bytes_in_use() -> int:
+    """Bytes still allocated through vLLM's sleep-mode allocator (0 when it was never used).
+
+    vLLM allows one sleep-mode engine per process and refuses to start another while memory of
+    an earlier one is still allocated there (e.g. tensors a dropped model still references).
+    """
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+    except Exception:  # noqa: BLE001 - no CUDA build of vLLM: no sleep-mode allocator
+        return 0
+    instance = getattr(CuMemAllocator, "instance", None)
+    if instance is None:
+        return 0
+    try:
+        return int(instance.get_current_usage())
+    except AttributeError as exc:
+        raise _fail("CuMemAllocator.get_current_usage is gone") from exc
+
+
+def release_cumem_pools() -> None:
+    """Drop the sleep-mode allocator's kept-alive memory pools (after an engine is shut down)."""
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+    except Exception:  # noqa: BLE001 - no CUDA build of vLLM: nothing to release
+        return
+    instance = getattr(CuMemAllocator, "instance", None)
+    if instance is not None and hasattr(instance, "release_pools"):
+        instance.release_pools()
+
+
 def release_kv_cache() -> int:
     """Unmap the physical memory behind every ``kv_cache``-tagged allocation; return bytes freed.
 
@@ -186,3 +216,39 @@ def restore_kv_cache(llm: Any) -> None:
     # executor-level wake_up would refuse, as the engine never went through its own sleep().
     llm.collective_rpc("wake_up", kwargs={"tags": ["kv_cache"]})
     llm.llm_engine.reset_prefix_cache()
+
+
+class MarlinRunner:
+    """Calls vLLM's Marlin weight-only GEMM for one layer quantised by :mod:`trainserve.engine.quant_method`.
+
+    ``apply_gptq_marlin_linear`` and ``marlin_make_workspace_new`` are vLLM utilities, not public
+    API (their arguments changed across releases): keyword arguments, checked by the GPU contract
+    test in ``tests/gpu/test_int_engine.py``.
+    """
+
+    def __init__(self, layer: nn.Module, fmt: Any):
+        try:
+            from vllm.model_executor.layers.quantization.utils import marlin_utils
+            from vllm.scalar_type import scalar_types
+        except ImportError as exc:
+            raise _fail("vllm.model_executor.layers.quantization.utils.marlin_utils is gone") from exc
+        for name in ("apply_gptq_marlin_linear", "marlin_make_workspace_new", "marlin_make_empty_g_idx"):
+            if not hasattr(marlin_utils, name):
+                raise _fail(f"marlin_utils.{name} is gone")
+        self._apply = marlin_utils.apply_gptq_marlin_linear
+        device = layer.qweight.device
+        self.wtype = (scalar_types.uint4 if fmt.zero_point else
+                      scalar_types.uint4b8 if fmt.bits == 4 else scalar_types.uint8b128)
+        self.workspace = marlin_utils.marlin_make_workspace_new(device)
+        self.empty = marlin_utils.marlin_make_empty_g_idx(device)
+        self.n, self.k = layer.trainserve_shape
+
+    def __call__(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        # The bias is added here, not by the kernel: Marlin expects it permuted like the scales, and
+        # the trainer views the engine's bias in its natural order.
+        out = self._apply(
+            input=x, weight=qweight, weight_scale=scales, weight_zp=qzeros, g_idx=self.empty,
+            g_idx_sort_indices=self.empty, workspace=self.workspace, wtype=self.wtype,
+            output_size_per_partition=self.n, input_size_per_partition=self.k, is_k_full=True, bias=None)
+        return out if bias is None else out.add_(bias)

@@ -10,6 +10,12 @@ optimizer, scheduler, RNG and step counter as usual.
 Resuming loads the adapter *in place* (``copy_`` into the existing LoRA parameters): the engine's
 live adapter tracks those exact tensors, so replacing them would leave the engine serving stale
 weights.
+
+Resuming with a larger total (``--steps 6`` then ``--steps 9 --resume``) *extends* the run: the
+optimizer state is restored, but the learning rate comes from this run's schedule, built for the
+new total, at the restored step (:func:`rebuild_lr_schedule`) — not from the saved schedule, which
+had already decayed to its end. ``trainserve_state.json`` carries the adapter version so the
+``adapter_version`` metric keeps counting across the resume.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.json"
+TRAINSERVE_STATE = "trainserve_state.json"  # what the HF layout lacks: the live adapter's version
 
 
 def _fsync_tree(path: str) -> None:
@@ -56,6 +63,10 @@ def _write_contents(trainer: Any, directory: str) -> None:
         else:
             trainer.state.stateful_callbacks[name] = cb.state()
     trainer.state.save_to_json(os.path.join(directory, TRAINER_STATE))
+    extra = getattr(trainer, "trainserve_checkpoint_state", None)
+    if callable(extra):
+        with open(os.path.join(directory, TRAINSERVE_STATE), "w") as f:
+            json.dump(extra(), f)
     if getattr(trainer, "use_adaptive_entropy", False):  # TRL's adaptive entropy controller
         with open(os.path.join(directory, "entropy_ctrl_state.json"), "w") as f:
             json.dump({"entropy_coef": trainer.entropy_coef,
@@ -113,6 +124,41 @@ def checkpoint_step(path: str) -> int:
     """The global step recorded in a checkpoint."""
     with open(os.path.join(path, TRAINER_STATE)) as f:
         return int(json.load(f)["global_step"])
+
+
+def checkpoint_max_steps(path: str) -> int | None:
+    """The total steps of the run that wrote a checkpoint (``max_steps`` in its trainer state)."""
+    with open(os.path.join(path, TRAINER_STATE)) as f:
+        value = json.load(f).get("max_steps")
+    return None if value is None else int(value)
+
+
+def read_trainserve_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The checkpoint's ``trainserve_state.json`` (empty for checkpoints written without it)."""
+    path = os.path.join(checkpoint_dir, TRAINSERVE_STATE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def rebuild_lr_schedule(optimizer: Any, scheduler: Any) -> bool:
+    """Set the learning rate to what ``scheduler``'s own schedule gives at its restored step.
+
+    Call after loading a checkpoint's optimizer and scheduler state into ones created for *this*
+    run's total steps. The saved state carries the learning rate of the *saved* schedule (0.0 at the
+    end of a linear decay), which is wrong when the total grew; the schedule functions of a
+    ``LambdaLR`` (every ``transformers`` schedule) are not saved, so the loaded scheduler has this
+    run's. With an unchanged total this gives the saved learning rate again, bit for bit. Returns
+    False (and changes nothing) for other scheduler types.
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not isinstance(scheduler, LambdaLR):
+        return False
+    scheduler.last_epoch -= 1
+    scheduler.step()  # recomputes base_lr * lambda(step) into every param group, as during training
+    return True
 
 
 def load_adapter_in_place(model: Any, checkpoint_dir: str) -> int:

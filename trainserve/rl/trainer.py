@@ -125,6 +125,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._engine_state = state
         self._fast_model = model if state is not None else None
         self._seed_step, self._seed_calls = -1, 0
+        self._version_offset = 0  # resumed runs: the adapter_version metric continues the saved run's count
         super().__init__(
             model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class,
@@ -221,7 +222,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._metrics[mode]["rollout/seconds"].append(seconds)
         swap_ms = live.last_update_ms if live.updates > updates else 0.0  # 0: adapter unchanged
         self._metrics[mode]["rollout/adapter_swap_ms"].append(swap_ms)
-        self._metrics[mode]["rollout/adapter_version"].append(float(live.version))
+        self._metrics[mode]["rollout/adapter_version"].append(float(live.version + self._version_offset))
         return completion_ids, logprobs
 
     # ------------------------------------------------------------------ rewards
@@ -237,7 +238,35 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         ckpt.save_checkpoint(self, self._get_output_dir(trial=trial))
 
+    def trainserve_checkpoint_state(self) -> dict[str, Any]:
+        """What :func:`trainserve.rl.checkpoint.save_checkpoint` stores beside the Hugging Face layout."""
+        live = self._engine_state.live if self._engine_state is not None else None
+        return {"adapter_version": None if live is None else live.version + self._version_offset}
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if self._engine_state is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         ckpt.load_adapter_in_place(self._fast_model, resume_from_checkpoint)
+        saved = ckpt.read_trainserve_state(resume_from_checkpoint).get("adapter_version")
+        if saved is not None:  # the next rollout syncs the loaded adapter: saved + 1, as without the stop
+            self._version_offset = int(saved) - self._engine_state.live.version
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Restore the optimizer and scheduler (resuming only), then take the learning rate from *this*
+        run's schedule at the restored step (a resume with a larger ``max_steps`` extends the run; see
+        :func:`trainserve.rl.checkpoint.rebuild_lr_schedule`) and this run's save/logging intervals."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        # transformers keeps the saved run's logging/save/eval intervals; this run's arguments apply.
+        self.state.compute_steps(self.args, self.state.max_steps)
+        if self.lr_scheduler is None:
+            return
+        if not ckpt.rebuild_lr_schedule(self.optimizer, self.lr_scheduler):
+            saved_total = ckpt.checkpoint_max_steps(checkpoint)
+            if saved_total is not None and saved_total != self.state.max_steps:
+                warnings.warn(
+                    f"resuming a {saved_total}-step run as a {self.state.max_steps}-step one: the learning-rate "
+                    f"scheduler {type(self.lr_scheduler).__name__} continues from its saved state (only "
+                    "LambdaLR schedules, every transformers schedule, are rebuilt for the new total)",
+                    UserWarning, stacklevel=2)

@@ -1,0 +1,90 @@
+"""FP8 (e4m3) weights with per-tensor, per-channel or 128×128 block scales: the trainer's view.
+
+vLLM's online FP8 methods quantise the 16-bit checkpoint while loading and keep ``weight`` in
+FP8 plus fp32 scales; the engine runs FP8 GEMMs on them. The trainer reads the same bytes and
+dequantises right before each GEMM (``w.to(dtype) * scale``: one elementwise pass that torch
+already runs at memory speed, so there is no separate Triton kernel). As for the integer formats,
+the dense weight is returned transposed, ``(in, out)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from trainserve.kernels.packed_state import PackedWeightState
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
+SCALE_KINDS = ("tensor", "channel", "block")
+
+
+class FP8QuantState(PackedWeightState):
+    """Output rows ``[n0, n1)`` of an engine layer's FP8 weight ``w_nk`` (``(N, K)``) and its scales.
+
+    ``scale``: a single value (``tensor``), one per output row (``channel``, shape ``(N, 1)`` or
+    ``(N,)``), or one per ``block × block`` tile (``block``, shape ``(ceil(N/block), ceil(K/block))``).
+    """
+
+    def __init__(self, w_nk: torch.Tensor, scale: torch.Tensor, kind: str, n0: int, n1: int,
+                 dtype: torch.dtype, block: int = 128):
+        if kind not in SCALE_KINDS:
+            raise ValueError(f"unknown FP8 scale kind {kind!r}")
+        if w_nk.dtype not in FP8_DTYPES:
+            raise ValueError(f"expected an FP8 weight, got {w_nk.dtype}")
+        k = w_nk.shape[1]
+        if kind == "block" and (n0 % block or k % block):
+            raise ValueError(f"FP8 block scales need rows starting at a multiple of {block} and K % {block} == 0 "
+                             f"(got rows {n0}:{n1}, K={k})")
+        self.parent_w, self.parent_scale, self.kind, self.n0, self.n1, self.block = w_nk, scale, kind, n0, n1, block
+        self.w = w_nk[n0:n1]
+        self.shape = torch.Size((n1 - n0, k))
+        self.dtype = dtype
+
+    def _scale(self) -> torch.Tensor:
+        s = self.parent_scale
+        if self.kind == "tensor":
+            return s.reshape(())
+        if self.kind == "channel":
+            return s.reshape(-1, 1)[self.n0:self.n1]
+        return s[self.n0 // self.block: -(-self.n1 // self.block)]
+
+    def dequantize_t(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        s = self._scale().to(dtype)
+        if self.kind == "block":
+            n, k = self.shape
+            b = self.block
+            w = self.w.to(dtype).view(n, k // b, b)
+            rows = torch.arange(n, device=w.device) // b
+            w = (w * s[rows][:, :, None]).view(n, k)
+        else:
+            w = self.w.to(dtype) * s
+        if out is None:
+            return w.t()
+        return out.copy_(w.t())
+
+    def merge(self, others: list[PackedWeightState]) -> PackedWeightState | None:
+        end = self.n1
+        for o in others:
+            if not isinstance(o, FP8QuantState) or o.parent_w is not self.parent_w or o.n0 != end:
+                return None
+            end = o.n1
+        return FP8QuantState(self.parent_w, self.parent_scale, self.kind, self.n0, end, self.dtype, self.block)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.w, self.parent_scale]
+
+
+def quantize_fp8_reference(w_nk: torch.Tensor, kind: str, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest FP8 e4m3 quantisation (for tests): ``(fp8 weight (N, K), fp32 scale)``."""
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    w = w_nk.float()
+    if kind == "tensor":
+        scale = (w.abs().amax() / fmax).clamp_min(1e-12).reshape(1)
+        q = (w / scale).clamp(-fmax, fmax)
+    elif kind == "channel":
+        scale = (w.abs().amax(1, keepdim=True) / fmax).clamp_min(1e-12)
+        q = (w / scale).clamp(-fmax, fmax)
+    else:
+        n, k = w.shape
+        tiles = w.view(n // block, block, k // block, block)
+        scale = (tiles.abs().amax((1, 3)) / fmax).clamp_min(1e-12)
+        q = (tiles / scale[:, None, :, None]).clamp(-fmax, fmax).view(n, k)
+    return q.to(torch.float8_e4m3fn), scale

@@ -1,0 +1,173 @@
+"""Device memory in use, sampled by a background thread, for the GPU GRPO benchmark.
+
+Why a thread and NVML: ``torch.cuda.max_memory_allocated`` sees only torch's caching allocator,
+not vLLM's cuMem pool (weights and KV cache in sleep/standby modes), and sampling once at the end
+of a step misses the peak *inside* it (rollout KV cache vs. training activations). NVML's
+``used`` is what the device really holds. One arm runs per process on an otherwise idle GPU, so
+device-level use is this arm's use; the use before this process touched CUDA is kept as
+``baseline`` so it can be subtracted.
+
+Sources, first that works: ``pynvml`` (nvidia-ml-py); vLLM's vendored copy of it, loaded from its
+file without importing the ``vllm`` package (importing vLLM early would break Unsloth's "import
+unsloth first" rule); ``torch.cuda.mem_get_info`` once this process has initialised CUDA itself,
+read only at step boundaries on the main thread (not a true in-step peak: ``mem_source`` says so);
+none (CPU): peaks are then ``None``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+GIB = 2**30
+
+
+def _load_pynvml() -> Any:
+    try:
+        import pynvml
+
+        return pynvml
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("vllm")  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "third_party", "pynvml.py")
+    if not os.path.exists(path):
+        return None
+    name = "_bench_vendored_pynvml"
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = module  # the module looks itself up in sys.modules while loading
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def _nvml_handle(nvml: Any) -> Any:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if visible.startswith(("GPU-", "MIG-")):
+        return nvml.nvmlDeviceGetHandleByUUID(visible)
+    return nvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+
+
+def device_name() -> str | None:
+    """The first visible GPU's name through NVML (no CUDA context is created), else ``None``."""
+    try:
+        nvml = _load_pynvml()
+        if nvml is None:
+            return None
+        nvml.nvmlInit()
+        name = nvml.nvmlDeviceGetName(_nvml_handle(nvml))
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return None
+
+
+class MemorySampler:
+    """Samples device memory in use every ``interval_s``; keeps the peak per phase and per step.
+
+    ``set_phase(name)`` starts a new phase (``startup``, ``warmup``, ``measured``);
+    ``take_step_peak()`` returns the peak since its previous call (the step that just ended).
+    """
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.source: str | None = None
+        self.error: str | None = None
+        self.baseline: int | None = None
+        self.samples = 0
+        self.peaks: dict[str, int] = {}
+        self._phase = "startup"
+        self._step_peak = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._read = self._open()
+
+    def _open(self) -> Any:
+        try:
+            nvml = _load_pynvml()
+            if nvml is not None:
+                nvml.nvmlInit()
+                handle = _nvml_handle(nvml)
+                self.baseline = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+                self.source = "nvml"
+                return lambda: int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+        except Exception as exc:  # no driver / no GPU: fall through
+            self.error = f"NVML: {type(exc).__name__}: {exc}"
+
+        def torch_read() -> int | None:
+            torch = sys.modules.get("torch")
+            if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+                return None  # never initialise CUDA from here: the arm's framework does that
+            free, total = torch.cuda.mem_get_info()
+            self.source = "torch.cuda.mem_get_info at step boundaries"
+            return int(total - free)
+
+        return torch_read
+
+    def sample(self) -> None:
+        try:
+            used = self._read()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        if used is None:
+            return
+        with self._lock:
+            self.samples += 1
+            self.peaks[self._phase] = max(self.peaks.get(self._phase, 0), used)
+            self._step_peak = max(self._step_peak, used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def start(self) -> MemorySampler:
+        self.sample()
+        if self.source == "nvml":  # the torch fallback is only sampled from the main thread, at step
+            # boundaries: a CUDA call from another thread could break vLLM's CUDA-graph capture
+            self._thread = threading.Thread(target=self._run, name="bench-memory-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+        self.sample()
+
+    def set_phase(self, name: str) -> None:
+        self.sample()  # the old phase's last sample
+        with self._lock:
+            self._phase = name
+        self.sample()
+
+    def take_step_peak(self) -> int | None:
+        self.sample()
+        with self._lock:
+            peak, self._step_peak = self._step_peak, 0
+        return peak or None
+
+    def report(self) -> dict[str, Any]:
+        """Peaks in GiB: per phase, over the whole run, and the baseline before this process."""
+        def gib(v: int | None) -> float | None:
+            return None if not v else round(v / GIB, 2)
+
+        with self._lock:
+            peaks = dict(self.peaks)
+        return {
+            "mem_source": self.source, "mem_error": self.error, "mem_samples": self.samples,
+            "mem_interval_ms": round(self.interval_s * 1e3, 1), "mem_baseline_gib": gib(self.baseline),
+            "peak_mem_run_gib": gib(max(peaks.values(), default=0)),
+            **{f"peak_mem_{phase}_gib": gib(v) for phase, v in peaks.items()},
+        }
+
+
+def wall() -> str:
+    """A timestamp for progress lines."""
+    return time.strftime("%H:%M:%S")

@@ -1,0 +1,61 @@
+"""KV standby's state machine (CPU: vLLM's sleep mode itself needs CUDA, so the unmap/map calls are
+replaced by counters): generations never release, the first trainer forward after a generation
+does, and the next generation maps the memory again."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from trainserve.engine import standby as standby_mod
+from trainserve.engine import vllm_compat
+
+
+def _engine(enabled: bool = True, background: bool = False):
+    loop = SimpleNamespace(background=background, num_unfinished=0, call=lambda fn: fn())
+    return SimpleNamespace(spec=SimpleNamespace(enable_sleep_mode=enabled), loop=loop, llm=None)
+
+
+def test_release_is_lazy_and_once_per_generation(monkeypatch) -> None:
+    calls = {"release": 0, "restore": 0}
+
+    def release() -> int:
+        calls["release"] += 1
+        return 123
+
+    def restore(llm) -> None:
+        calls["restore"] += 1
+
+    monkeypatch.setattr(vllm_compat, "release_kv_cache", release)
+    monkeypatch.setattr(vllm_compat, "restore_kv_cache", restore)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    kv = standby_mod.KVStandby(_engine())
+    model = torch.nn.Linear(4, 4)
+    standby_mod.install_trainer_hook(model, kv)
+    for _ in range(3):  # repeated generations: nothing to release or restore
+        kv.before_generate()
+        kv.after_generate()
+    assert calls == {"release": 0, "restore": 0}
+    model(torch.randn(2, 4))
+    model(torch.randn(2, 4))
+    assert calls == {"release": 1, "restore": 0} and kv.released and kv.freed_bytes == 123
+    kv.before_generate()
+    assert calls == {"release": 1, "restore": 1} and not kv.released
+    model(torch.randn(2, 4))
+    assert calls["release"] == 2
+
+
+def test_no_release_when_disabled_busy_or_serving(monkeypatch) -> None:
+    monkeypatch.setattr(vllm_compat, "release_kv_cache", lambda: (_ for _ in ()).throw(AssertionError("released")))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    standby_mod.KVStandby(_engine(enabled=False)).trainer_needs_memory()
+    standby_mod.KVStandby(_engine(background=True)).trainer_needs_memory()
+    busy = _engine()
+    busy.loop.num_unfinished = 2
+    kv = standby_mod.KVStandby(busy)
+    kv.trainer_needs_memory()
+    assert not kv.released
+    model = torch.nn.Linear(2, 2)
+    standby_mod.install_trainer_hook(model, standby_mod.KVStandby(_engine(enabled=False)))
+    assert not model._forward_pre_hooks

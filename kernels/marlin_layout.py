@@ -218,15 +218,25 @@ class MarlinTensors:
     zeros: torch.Tensor | None  # (K // group, N // pf) int32, or None (symmetric)
 
 
-def quantize_to_marlin(w_nk: torch.Tensor, fmt: IntFormat, scale_dtype: torch.dtype) -> MarlinTensors:
+def quantize_to_marlin(w_nk: torch.Tensor, fmt: IntFormat, scale_dtype: torch.dtype,
+                       chunk: int = 4096) -> MarlinTensors:
     """Quantise an ``(N, K)`` (``nn.Linear`` layout) weight into Marlin's tensors (the GPU tests check
-    the bytes against vLLM's own ``gptq_marlin_repack``)."""
+    the bytes against vLLM's own ``gptq_marlin_repack``).
+
+    Output features are processed ``chunk`` at a time (column ranges are independent in this
+    layout), so the float temporaries stay small next to the weight.
+    """
     n, k = w_nk.shape
     check_shape(fmt, k, n)
-    q, scales, zeros = quantize_groups(w_nk.t(), fmt, scale_dtype)
-    qweight = pack_weight(q, fmt.bits)
-    return MarlinTensors(qweight=qweight, scales=permute_scales(scales, spans_all_k(fmt, k)),
-                         zeros=pack_zeros(zeros, fmt.bits) if zeros is not None else None)
+    single = spans_all_k(fmt, k)
+    parts = []
+    for n0 in range(0, n, chunk):
+        q, scales, zeros = quantize_groups(w_nk[n0: n0 + chunk].t(), fmt, scale_dtype)
+        parts.append((pack_weight(q, fmt.bits), permute_scales(scales, single),
+                      pack_zeros(zeros, fmt.bits) if zeros is not None else None))
+        del q
+    cat = (lambda i: parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts], dim=1))
+    return MarlinTensors(qweight=cat(0), scales=cat(1), zeros=cat(2) if parts[0][2] is not None else None)
 
 
 def dequantize_marlin_reference(t: MarlinTensors, fmt: IntFormat, dtype: torch.dtype) -> torch.Tensor:

@@ -20,6 +20,11 @@ import sys
 import time
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TS_FORMATS = {
+    "int4": {"load_in_4bit": True}, "bnb": {"load_in_4bit": True, "quant_backend": "bitsandbytes"},
+    "int8": {"load_in_8bit": True}, "fp8": {"load_in_fp8": True}, "fp8-block": {"load_in_fp8": "block"},
+    "bf16": {"load_in_16bit": True},
+}
 
 
 class PeakMemory:
@@ -121,7 +126,8 @@ def arm_trainserve(a) -> dict:
     mem = PeakMemory()
     t0 = time.perf_counter()
     extra = {} if a.ts_max_loras is None else {"max_loras": a.ts_max_loras}
-    model, _ = FastLanguageModel.from_pretrained(a.path, max_seq_length=a.max_len, load_in_4bit=True,
+    extra.update(TS_FORMATS[a.ts_format])
+    model, _ = FastLanguageModel.from_pretrained(a.path, max_seq_length=a.max_len,
                                                  fast_inference=True, gpu_memory_utilization=a.util,
                                                  max_lora_rank=a.rank, standby=not a.no_standby, **extra)
     start_s = time.perf_counter() - t0
@@ -150,14 +156,17 @@ def arm_trainserve(a) -> dict:
     mem.sample()
     standby = state_of(model).engine.standby
     spec = state_of(model).engine.spec
-    return {"arm": "trainserve", "max_loras": spec.max_loras, "specialize_active_lora": spec.specialize_active_lora,
+    return {"arm": "trainserve", "format": a.ts_format, "engine_quantization": spec.quantization,
+            "max_loras": spec.max_loras, "specialize_active_lora": spec.specialize_active_lora,
             "standby": not a.no_standby,
             "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
             "adapter_copy_ms_median": round(statistics.median(copy_ms), 3),
             "update_to_first_token_ms_median": round(statistics.median(visible_ms), 2),
             "peak_gpu_gb": mem.gb, "standby_freed_gb": round(standby.freed_bytes / 1e9, 2),
             "standby_restore_ms": round(standby.last_restore_ms, 1),
-            "standby_release_ms": round(standby.last_release_ms, 1)}
+            "standby_release_ms": round(standby.last_release_ms, 1),
+            "standby_last_wait_ms": round(standby.last_wait_ms, 1), "standby_prefetches": standby.prefetches,
+            "standby_restores": standby.restores}
 
 
 def arm_vllm(a) -> dict:
@@ -166,7 +175,8 @@ def arm_vllm(a) -> dict:
 
     mem = PeakMemory()
     t0 = time.perf_counter()
-    llm = LLM(a.path, quantization="bitsandbytes", enable_lora=True, max_lora_rank=a.rank, max_loras=2,
+    quant = None if a.vllm_quant == "none" else a.vllm_quant
+    llm = LLM(a.path, quantization=quant, enable_lora=True, max_lora_rank=a.rank, max_loras=2,
               gpu_memory_utilization=a.util, max_model_len=a.max_len)
     start_s = time.perf_counter() - t0
     adapters = [_write_random_adapter(f"/tmp/bench-adapter-{i}", a.shape, a.rank, i) for i in range(21)]
@@ -187,7 +197,8 @@ def arm_vllm(a) -> dict:
         llm.generate(prompts[:1], one, lora_request=LoRARequest(f"a{i}", i + 1, adapters[i]), use_tqdm=False)
         switch.append((time.perf_counter() - t) * 1e3)
     mem.sample()
-    return {"arm": a.arm, "out_tok_s": round(tokens / dt, 1), "out_tok_s_detokenize_false": round(tokens / dt_ids, 1),
+    return {"arm": a.arm, "quantization": a.vllm_quant,
+            "out_tok_s": round(tokens / dt, 1), "out_tok_s_detokenize_false": round(tokens / dt_ids, 1),
             "engine_start_s": round(start_s, 1),
             "update_to_first_token_ms_median": round(statistics.median(switch), 2), "peak_gpu_gb": mem.gb}
 
@@ -249,6 +260,10 @@ def main() -> None:
     parser.add_argument("--ts-max-loras", type=int, default=None,
                         help="trainserve: saved-adapter slots (+2 live); default: from_pretrained's")
     parser.add_argument("--no-standby", action="store_true", help="trainserve: keep the KV cache mapped")
+    parser.add_argument("--ts-format", choices=sorted(TS_FORMATS), default="int4",
+                        help="trainserve: engine weight format (default: int4, trainserve's own 4-bit)")
+    parser.add_argument("--vllm-quant", default="bitsandbytes",
+                        help="plain vLLM arm: quantization (bitsandbytes, fp8_per_channel, none)")
     a = parser.parse_args()
     if a.path is None:
         from trainserve.random_model import random_qwen2

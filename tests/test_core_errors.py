@@ -29,7 +29,9 @@ def test_lora_dropout_range(dropout):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(load_in_8bit=True), NotImplementedError, "load_in_8bit"),
+    (dict(load_in_8bit=True, load_in_16bit=True), ValueError, "load_in_8bit=True and load_in_16bit=True"),
+    (dict(load_in_fp8="per-row"), ValueError, "load_in_fp8"),
+    (dict(quant_backend="awq"), ValueError, "quant_backend"),
     (dict(qat_scheme="int4"), NotImplementedError, "qat_scheme"),
     (dict(no_such_argument=1), TypeError, "no_such_argument"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), ValueError, "rope_scaling"),

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from test_kernels import gen, rel
 from trainserve.kernels.fp8_dequant import FP8QuantState, quantize_fp8_reference
 from trainserve.kernels.lora_fused import (
     LoraWeights,
@@ -36,16 +37,6 @@ from trainserve.kernels.marlin_layout import (
 from trainserve.kernels.packed_state import packed_linear, packed_linear_reference
 
 FORMATS = [IntFormat(4, 64, True), IntFormat(4, 128, False), IntFormat(8, 128, False), IntFormat(4, 128, True)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "NaN/inf in result"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
@@ -225,7 +216,7 @@ def _resolve(**kw):
 @pytest.mark.parametrize("kw,engine", [
     ({}, "trainserve_int4"), ({"load_in_4bit": True}, "trainserve_int4"),
     ({"quant_backend": "bitsandbytes"}, "bitsandbytes"), ({"load_in_8bit": True}, "trainserve_int8"),
-    ({"load_in_fp8": True}, "fp8_per_channel"), ({"load_in_fp8": "block"}, "fp8_per_block"),
+    ({"load_in_fp8": True}, "fp8_per_block"), ({"load_in_fp8": "block"}, "fp8_per_block"),
     ({"load_in_16bit": True}, None), ({"load_in_4bit": False}, None), ({"full_finetuning": True}, None),
     ({"load_in_4bit": False, "load_in_8bit": True}, "trainserve_int8"),
 ])
@@ -278,4 +269,13 @@ def test_dimensions_the_kernels_cannot_tile_are_refused_before_the_engine() -> N
     with pytest.raises(ValueError, match="k_proj"):  # 32 key/value outputs: not a multiple of 64
         check_model_dims(Precision("int4", engine_quantization="trainserve_int4"), odd_heads)
     with pytest.raises(ValueError, match="block scales"):
-        check_model_dims(Precision("fp8-block", engine_quantization="fp8_per_block"), bad)
+        check_model_dims(Precision("fp8", engine_quantization="fp8_per_block"), bad)
+
+
+def test_chunked_quantisation_gives_the_same_bytes() -> None:
+    fmt = IntFormat(4, 64, True)
+    w = torch.randn(448, 256, generator=gen(30))
+    whole = quantize_to_marlin(w, fmt, torch.float32, chunk=10**6)
+    parts = quantize_to_marlin(w, fmt, torch.float32, chunk=128)
+    assert torch.equal(whole.qweight, parts.qweight) and torch.equal(whole.scales, parts.scales)
+    assert torch.equal(whole.zeros, parts.zeros)

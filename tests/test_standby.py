@@ -59,3 +59,49 @@ def test_no_release_when_disabled_busy_or_serving(monkeypatch) -> None:
     model = torch.nn.Linear(2, 2)
     standby_mod.install_trainer_hook(model, standby_mod.KVStandby(_engine(enabled=False)))
     assert not model._forward_pre_hooks
+
+
+def test_restore_is_prefetched_after_a_step_only_in_rollout_loops(monkeypatch) -> None:
+    import threading
+
+    calls = {"release": 0, "restore": 0}
+    threads: list[str] = []
+
+    def release() -> int:
+        calls["release"] += 1
+        return 1
+
+    def restore(llm) -> None:
+        calls["restore"] += 1
+        threads.append(threading.current_thread().name)
+
+    monkeypatch.setattr(vllm_compat, "release_kv_cache", release)
+    monkeypatch.setattr(vllm_compat, "restore_kv_cache", restore)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    kv = standby_mod.KVStandby(_engine())
+    model = torch.nn.Linear(2, 2)
+    standby_mod.install_trainer_hook(model, kv)
+
+    def cycle() -> None:  # generate, train forward, optimizer step
+        kv.before_generate()
+        model(torch.randn(1, 2))
+        kv.on_optimizer_step()
+
+    cycle()  # first step: no pattern seen yet, nothing prefetched
+    assert kv.prefetches == 0 and kv.released
+    cycle()  # the step before was followed by a generation: this step prefetches
+    assert kv.prefetches == 1
+    kv.before_generate()  # waits for the prefetch; no second restore
+    assert not kv.released and threads[-1] == "trainserve-kv-prefetch"
+    # gradient accumulation starts: the first step still predicts a generation (its predecessor was
+    # followed by one) and prefetches; the forward that follows instead turns the prediction off
+    model(torch.randn(1, 2))
+    kv.on_optimizer_step()
+    assert kv.prefetches == 2
+    model(torch.randn(1, 2))
+    assert kv.released
+    restores = calls["restore"]
+    kv.on_optimizer_step()
+    model(torch.randn(1, 2))
+    kv.on_optimizer_step()
+    assert kv.prefetches == 2 and calls["restore"] == restores and kv.released

@@ -114,7 +114,7 @@ class FastLanguageModel:
 
         Weight formats (one of): ``load_in_4bit`` (the default when no other is asked: trainserve's
         own int4 engine format, or NF4 through vLLM's bitsandbytes with ``quant_backend="bitsandbytes"``),
-        ``load_in_8bit`` (int8), ``load_in_fp8`` (``True``: FP8 with per-channel scales, ``"block"``:
+        ``load_in_8bit`` (int8), ``load_in_fp8`` (``True`` or ``"block"``: FP8 with
         128x128 block scales), ``load_in_16bit`` / ``full_finetuning`` (16-bit). Without CUDA the
         quantised formats warn once and load ``dtype`` weights."""
         from transformers import AutoConfig, AutoTokenizer

@@ -1,7 +1,7 @@
 """trainserve's engine weight formats on the GPU: the layout against vLLM's own CUDA repack, the Triton
 dequantiser against its reference, vLLM's Marlin GEMM against the dequantised weight (the contract
 of ``vllm_compat.MarlinRunner``), and engine-vs-trainer logprob parity with the live adapter for
-int4, int8, FP8 and FP8-block (random-weight Qwen2-0.5B shape, trained until the target is learnt).
+int4, int8 and FP8 (block scales) (random-weight Qwen2-0.5B shape, trained until the target is learnt).
 
 Skipped without CUDA or vLLM. ``TRAINSERVE_GPU_TEST_EAGER=1`` runs the engines without CUDA graphs.
 """
@@ -154,8 +154,8 @@ def path(tmp_path_factory):
 
 @pytest.mark.parametrize("flags,quantization", [
     ({"load_in_4bit": True}, "trainserve_int4"), ({"load_in_8bit": True}, "trainserve_int8"),
-    ({"load_in_fp8": True}, "fp8_per_channel"), ({"load_in_fp8": "block"}, "fp8_per_block"),
-], ids=["int4", "int8", "fp8", "fp8-block"])
+    ({"load_in_fp8": True}, "fp8_per_block"),
+], ids=["int4", "int8", "fp8"])
 def test_engine_and_trainer_agree_on_the_same_quantised_weights(path, flags: dict, quantization: str) -> None:
     """One process per format (one engine per process); ``TRAINSERVE_GPU_TEST_EAGER=1`` skips CUDA graphs."""
     env = dict(os.environ)

@@ -167,8 +167,12 @@ class LiveAdapter:
         return cached[1]
 
     def mark_stepped(self) -> None:
-        """Record that an optimizer changed the adapter (needed for fused optimizers)."""
+        """Record that an optimizer changed the adapter (needed for fused optimizers); let the KV
+        standby prepare for the generation that usually follows."""
         self._steps += 1
+        standby = getattr(self.engine, "standby", None)
+        if standby is not None:
+            standby.on_optimizer_step()
 
     def _current_marker(self) -> tuple:
         return (self._steps, *((t.lora_a._version, t.lora_a.data_ptr(), t.lora_b._version, t.lora_b.data_ptr())

@@ -92,8 +92,13 @@ def register(name: str) -> str:
                            output_partition_sizes: list[int], input_size: int, output_size: int,
                            params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
             weight_loader = extra_weight_attrs.pop("weight_loader")
+            # The 16-bit weight is staged in host memory: vLLM moves it to the GPU for
+            # process_weights_after_loading one layer at a time, so the whole 16-bit model is never on
+            # the GPU and its freed blocks do not stay cached in the engine's weight memory pool
+            # (measured: +16.7 GiB held for the whole run at the 7B shape when loaded on the GPU).
             weight = ModelWeightParameter(
-                data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+                data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype,
+                                 device="cpu"),
                 input_dim=1, output_dim=0, weight_loader=weight_loader)
             layer.register_parameter("weight", weight)
             set_weight_attrs(weight, extra_weight_attrs)

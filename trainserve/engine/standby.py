@@ -7,10 +7,17 @@ forward pass of the training model after a generation (a pre-hook on the model c
 generate, and the server therefore never pay for it; a training step always runs with the KV
 cache's memory free. The next ``fast_generate`` maps the memory again first (the weights stay:
 the trainer shares them). Standby is skipped while the engine loop serves in the background (HTTP).
+
+Mapping ~50 GB again takes tens of milliseconds, which would sit between an optimizer step and the
+first token of the next rollout. So when the loop has shown its pattern — the last optimizer step
+was followed by a generation, as in GRPO — the next optimizer step starts mapping the memory in a
+background thread right away, and the generation only waits for what is left of it. A forward
+after a step (gradient accumulation) turns the prediction off again.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -27,18 +34,61 @@ class KVStandby:
         self.restores = 0
         self.last_release_ms = 0.0
         self.last_restore_ms = 0.0
+        self.last_wait_ms = 0.0  # how long the last generation waited for the KV cache
+        self.prefetches = 0
+        self._after_step = False  # an optimizer step happened; nothing ran on the model since
+        self._step_then_generate = False  # the last step was followed by a generation
+        self._prefetch: threading.Thread | None = None
+        self._prefetch_error: BaseException | None = None
+        self._restore_lock = threading.Lock()
 
     def before_generate(self) -> None:
         """Make sure the KV cache is mapped (call before submitting requests)."""
-        if not self.released:
-            return
+        if self._after_step:
+            self._step_then_generate, self._after_step = True, False
+        t0 = time.perf_counter()
+        self._join_prefetch()
+        if self.released:
+            self._restore()
+        self.last_wait_ms = (time.perf_counter() - t0) * 1e3
+
+    def _restore(self) -> None:
         from trainserve.engine import vllm_compat
 
-        t0 = time.perf_counter()
-        self.engine.loop.call(lambda: vllm_compat.restore_kv_cache(self.engine.llm))
-        self.released = False
-        self.restores += 1
-        self.last_restore_ms = (time.perf_counter() - t0) * 1e3
+        with self._restore_lock:
+            if not self.released:
+                return
+            t0 = time.perf_counter()
+            self.engine.loop.call(lambda: vllm_compat.restore_kv_cache(self.engine.llm))
+            self.released = False
+            self.restores += 1
+            self.last_restore_ms = (time.perf_counter() - t0) * 1e3
+
+    def on_optimizer_step(self) -> None:
+        """After an optimizer step of the live adapter: start mapping the KV cache in the background
+        when a generation is expected next (see the module docstring)."""
+        self._after_step = True
+        if (not self.enabled or not self.released or not self._step_then_generate or self._prefetch is not None
+                or self.engine.loop.background):
+            return
+
+        def run() -> None:
+            try:
+                self._restore()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller that waits for it
+                self._prefetch_error = exc
+
+        self.prefetches += 1
+        self._prefetch = threading.Thread(target=run, name="trainserve-kv-prefetch", daemon=True)
+        self._prefetch.start()
+
+    def _join_prefetch(self) -> None:
+        thread, self._prefetch = self._prefetch, None
+        if thread is not None:
+            thread.join()
+        error, self._prefetch_error = self._prefetch_error, None
+        if error is not None:
+            raise error
 
     def after_generate(self) -> None:
         """Nothing to do: the KV cache stays mapped until the trainer needs the memory."""
@@ -46,6 +96,10 @@ class KVStandby:
     def trainer_needs_memory(self) -> None:
         """Release the KV cache if it is mapped and nothing runs on the engine (a training forward
         is about to start). Cheap when there is nothing to do: it runs before every forward."""
+        if self._after_step:  # a forward right after a step: not a rollout loop
+            self._step_then_generate, self._after_step = False, False
+        if self._prefetch is not None:
+            self._join_prefetch()
         if not self.enabled or self.released or self.engine.loop.background:
             return
         from trainserve.engine import vllm_compat

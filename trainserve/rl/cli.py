@@ -150,7 +150,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("grpo", help="GRPO on a built-in toy task, rollouts from the colocated engine",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the embedded tiny Qwen2)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps (total, also when resuming)")
+    p.add_argument("--steps", type=int, default=60,
+                   help="optimizer steps (total, also when resuming: more than the checkpoint's run extends it, "
+                   "the learning-rate schedule rebuilt for the new total)")
     p.add_argument("--out", default="runs/grpo-toy", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps and at the end (0: none)")

@@ -75,7 +75,8 @@ class GRPOTrainer(trl.GRPOTrainer):
     ``args``. ``args.use_vllm`` must stay ``False``: the engine is already colocated.
 
     Each rollout is seeded from ``(args.seed, global_step, call, prompt)``, so a seeded run samples
-    the same completions again, and a resumed run continues as the uninterrupted one would.
+    the same completions again, and a resumed run continues as the uninterrupted one would (with a
+    larger ``max_steps`` it extends the run: the learning-rate schedule is rebuilt for the new total).
     Reward functions are validated (see :mod:`trainserve.rl.rewards`); checkpoints are atomic and
     resuming loads the adapter in place (see :mod:`trainserve.rl.checkpoint`).
     """

@@ -13,7 +13,7 @@ from torch import nn
 
 from trainserve.engine.quant_method import layer_format, layer_tensors
 from trainserve.kernels.marlin_dequant import MarlinQuantState
-from trainserve.weights.packed_linear import PackedLinear
+from trainserve.weights.packed_linear import PackedLinear, no_engine_statistics, packed_statistics
 
 MODEL_FLAGS: dict[str, bool] = {}
 
@@ -38,10 +38,5 @@ def shard_modules(engine_linear: nn.Module, sizes: list[int], compute_dtype: tor
     return modules
 
 
-def engine_statistics(engine_param: nn.Parameter) -> list[torch.Tensor]:
-    return []
-
-
-def trainer_statistics(param: nn.Parameter) -> list[torch.Tensor]:
-    state = getattr(param, "quant_state", None)
-    return state.tensors() if isinstance(state, MarlinQuantState) else []
+engine_statistics = no_engine_statistics
+trainer_statistics = packed_statistics

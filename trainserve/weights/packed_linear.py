@@ -41,3 +41,14 @@ class PackedLinear(nn.Linear):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"format={type(self.quant_state).__name__}, bias={self.bias is not None}"
+
+
+def no_engine_statistics(engine_param: nn.Parameter) -> list[torch.Tensor]:
+    """Packed formats keep everything in the engine layer's own parameters."""
+    return []
+
+
+def packed_statistics(param: nn.Parameter) -> list[torch.Tensor]:
+    """The engine tensors a trainer weight with a packed state reads (its scales, zero points)."""
+    state = getattr(param, "quant_state", None)
+    return state.tensors() if isinstance(state, PackedWeightState) else []

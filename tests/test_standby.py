@@ -105,3 +105,22 @@ def test_restore_is_prefetched_after_a_step_only_in_rollout_loops(monkeypatch) -
     model(torch.randn(1, 2))
     kv.on_optimizer_step()
     assert kv.prefetches == 2 and calls["restore"] == restores and kv.released
+
+
+def test_weights_in_kv_cache_memory_turn_standby_off(monkeypatch) -> None:
+    class FakeCuda:
+        is_cuda = True
+
+        def __init__(self, ptr: int) -> None:
+            self.ptr = ptr
+
+        def data_ptr(self) -> int:
+            return self.ptr
+
+        def numel(self) -> int:
+            return 1
+
+    monkeypatch.setattr(vllm_compat, "kv_cache_ranges", lambda: [(1000, 2000)])
+    kv = standby_mod.KVStandby(_engine())
+    assert kv.check_weights_outside_kv_cache([FakeCuda(10), FakeCuda(5000)]) and kv.enabled
+    assert not kv.check_weights_outside_kv_cache([FakeCuda(10), FakeCuda(1500)]) and not kv.enabled

@@ -51,3 +51,23 @@ def test_writing_a_slot_changes_generation():
                 module.lora_B["default"].weight.normal_(0, 1.0)
     after = engine_tokens(model, "Once upon a time")
     assert live.updates >= 2 and after != before
+
+
+def test_sleep_mode_allocator_helpers_are_safe_without_it() -> None:
+    """Without CUDA there is no sleep-mode allocator: the helpers report nothing and do nothing."""
+    assert vllm_compat.cumem_bytes_in_use() == 0
+    assert vllm_compat.kv_cache_ranges() == []
+    vllm_compat.release_cumem_pools()
+
+
+def test_quantization_registration_api() -> None:
+    """trainserve's integer formats register through vLLM's public API and are then known to it."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    from trainserve.engine.quant_method import register
+
+    for name in ("trainserve_int4", "trainserve_int8"):
+        register(name)
+        assert name in QUANTIZATION_METHODS
+        config = get_quantization_config(name)()
+        assert config.get_name() == name and config.get_config_filenames() == []

@@ -373,6 +373,7 @@ def _load_colocated(model_name: str, config: Any, dtype: torch.dtype, max_seq_le
     if engine.adapters is None:
         engine.adapters = AdapterRegistry(engine, config)
     model = build_shared_model(engine.model, config, dtype)
+    engine.standby.check_weights_outside_kv_cache(list(engine.model.parameters()) + list(engine.model.buffers()))
     install_trainer_hook(model, engine.standby)
     model.__dict__["_trainserve"] = model_api.ModelState(
         engine=engine, config=config, registry=engine.adapters, tokenizer=tokenizer, max_lora_rank=max_lora_rank)

@@ -117,6 +117,30 @@ class KVStandby:
         self.engine.loop.call(release)
         self.last_release_ms = (time.perf_counter() - t0) * 1e3
 
+    def check_weights_outside_kv_cache(self, tensors: Any) -> bool:
+        """Turn standby off (with a warning) if any of ``tensors`` lies in memory that a release
+        would unmap: weights placed in the KV cache's pool would silently lose their values.
+
+        Returns whether standby stays enabled."""
+        if not self.enabled:
+            return False
+        from trainserve.engine import vllm_compat
+
+        ranges = vllm_compat.kv_cache_ranges()
+        if not ranges:
+            return True
+        for t in tensors:
+            ptr = t.data_ptr()
+            if t.is_cuda and t.numel() and any(lo <= ptr < hi for lo, hi in ranges):
+                import logging
+
+                logging.getLogger("trainserve").warning(
+                    "KV standby is off: engine weights were allocated in the KV cache's memory, which "
+                    "standby would unmap")
+                self.enabled = False
+                return False
+        return True
+
     def disable(self) -> None:
         """Keep the KV cache mapped from now on (e.g. when an HTTP server starts)."""
         self.before_generate()

@@ -178,6 +178,22 @@ def cumem_bytes_in_use() -> int:
         raise _fail("CuMemAllocator.get_current_usage is gone") from exc
 
 
+def kv_cache_ranges() -> list[tuple[int, int]]:
+    """``[start, end)`` device addresses of the sleep-mode allocator's ``kv_cache``-tagged allocations."""
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+    except Exception:  # noqa: BLE001 - no CUDA build of vLLM: no sleep-mode allocator
+        return []
+    instance = getattr(CuMemAllocator, "instance", None)
+    if instance is None:
+        return []
+    try:
+        return [(ptr, ptr + int(data.handle[1])) for ptr, data in instance.pointer_to_data.items()
+                if data.tag == "kv_cache"]
+    except AttributeError as exc:
+        raise _fail("CuMemAllocator.pointer_to_data entries lost .tag/.handle") from exc
+
+
 def release_cumem_pools() -> None:
     """Drop the sleep-mode allocator's kept-alive memory pools (after an engine is shut down)."""
     try:

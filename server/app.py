@@ -8,11 +8,14 @@ import time
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from trainserve.server import routes_admin, routes_openai
+from trainserve.server import routes_admin, routes_openai, routes_utility
 from trainserve.server.errors import error_response, install_handlers
 from trainserve.server.state import ServerState
 
 logger = logging.getLogger("trainserve.server")
+
+# what --public-health leaves open: probes and scrapers do not carry the API key (vLLM leaves them open)
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics"})
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bool]:
@@ -42,9 +45,10 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 class GateMiddleware:
-    """Checks the API key on every route, refuses new requests while draining, refuses bodies over
-    ``max_request_bytes`` (413, before anything parses them), counts requests, and answers an
-    unexpected exception with an OpenAI-shaped JSON 500 instead of Starlette's plain-text one.
+    """Checks the API key on every route (with ``--public-health``: all but ``PUBLIC_PATHS``),
+    refuses new requests while draining, refuses bodies over ``max_request_bytes`` (413, before
+    anything parses them), counts requests, and answers an unexpected exception with an
+    OpenAI-shaped JSON 500 instead of Starlette's plain-text one.
 
     A pure ASGI middleware: the in-flight count covers a streamed response until its last byte,
     which graceful shutdown waits for.
@@ -55,9 +59,10 @@ class GateMiddleware:
         self.state = state
         key = state.config.api_key
         self._key = key.encode() if key else None
+        self._public = PUBLIC_PATHS if state.config.public_health else frozenset()
 
     def _authorised(self, scope: Scope) -> bool:
-        if self._key is None:
+        if self._key is None or scope.get("path") in self._public:
             return True
         for name, value in scope.get("headers", []):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
@@ -142,13 +147,14 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(
         title="trainserve",
         description="OpenAI-compatible endpoint of a trainserve engine",
-        docs_url=None,
+        docs_url="/docs",  # Swagger UI and the schema, behind the API key like every route
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
     )
     app.state.server = state
     install_handlers(app)
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_utility.router)
     app.add_middleware(GateMiddleware, state=state)
     return app

@@ -9,7 +9,11 @@ from typing import Any
 
 logger = logging.getLogger("trainserve.server")
 
-HELP = """Serve MODEL (a Qwen2/Llama checkpoint directory or hub id) and LoRA adapters over the OpenAI API.
+HELP = """Serve MODEL (a Qwen2/Llama checkpoint directory or hub id) and LoRA adapters over the OpenAI HTTP
+API, for the official openai client, lm-eval, LangChain and other OpenAI/vLLM clients: completions
+and chat completions (streamed or not), the models list, adapter loading and unloading at runtime,
+hot reload of --adapters-dir, /tokenize, /health and Prometheus /metrics. Each adapter is a model
+name; responses say which adapter version answered. Stops gracefully on SIGTERM/Ctrl-C.
 
 Runtime adapter loading (POST /v1/load_lora_adapter) accepts only paths inside --adapters-dir;
 without an adapters directory it is refused unless --allow-any-adapter-path is given (that lets
@@ -25,18 +29,20 @@ def _lora_arg(value: str) -> tuple[str, str]:
 
 def register(subparsers: Any) -> None:
     """Add the ``serve`` subcommand."""
+    from trainserve.cli import HelpFormatter, fraction, non_negative_float, port, positive_float, positive_int
+
     p = subparsers.add_parser(
         "serve",
-        help="serve a model and LoRA adapters over the OpenAI API",
+        help="serve a model and its LoRA adapters over the OpenAI HTTP API",
         description=HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id; its model name in the API")
     p.add_argument(
         "--adapters-dir",
         metavar="DIR",
         help="serve every PEFT adapter in DIR under its sub-directory "
-        "name; new or changed adapters are picked up without a restart",
+        "name; new or changed adapters are picked up without a restart (default: none)",
     )
     p.add_argument(
         "--lora",
@@ -44,23 +50,25 @@ def register(subparsers: Any) -> None:
         action="append",
         type=_lora_arg,
         default=[],
-        help="serve the adapter at PATH as model NAME (repeatable)",
+        help="serve the adapter at PATH as model NAME (repeatable; default: none)",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the URL is printed)")
+    p.add_argument("--port", type=port, default=8000, help="port (0: any free port; the URL is printed)")
     p.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' on every route "
         "(default: the TRAINSERVE_API_KEY environment variable, if set)",
     )
     p.add_argument("--served-model-name", help="model id of the base model (default: MODEL as given)")
-    p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
-    p.add_argument("--max-loras", type=int, default=4, help="adapters in one batch (engine LoRA slots)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
-    p.add_argument("--max-model-len", type=int, help="context length (default: min(2048, the model's))")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-lora-rank", type=positive_int, default=64, help="largest adapter rank accepted")
+    p.add_argument("--max-loras", type=positive_int, default=4, help="adapters in one batch (engine LoRA slots)")
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.5,
+                   help="share of the accelerator's memory the engine may use")
+    p.add_argument("--max-model-len", type=positive_int, help="context length (default: min(2048, the model's))")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: the checkpoint's)")
     p.add_argument(
         "--allow-any-adapter-path",
         action="store_true",
@@ -68,24 +76,24 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--adapter-poll-interval",
-        type=float,
+        type=positive_float,
         default=1.0,
         metavar="SECONDS",
-        help="how often --adapters-dir is checked for changes (default 1)",
+        help="how often --adapters-dir is checked for changes",
     )
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=non_negative_float,
         default=300.0,
         metavar="SECONDS",
-        help="on SIGTERM, how long running requests may take to finish (default 300)",
+        help="on SIGTERM, how long running requests may take to finish",
     )
     p.add_argument(
         "--max-request-bytes",
-        type=int,
+        type=positive_int,
         default=8 * 1024 * 1024,
         metavar="N",
-        help="largest request body accepted; larger ones get 413 (default 8 MiB)",
+        help="largest request body in bytes; larger ones get 413 (default: 8 MiB)",
     )
     p.add_argument(
         "--trust-request-chat-template",
@@ -93,7 +101,14 @@ def register(subparsers: Any) -> None:
         help="let requests replace the chat template (chat_template, chat_template_kwargs.chat_template); "
         "it is still rendered sandboxed, in a separate process with time and memory limits",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--public-health",
+        action="store_true",
+        help="answer /health, /ping and /metrics without the API key, for load-balancer probes and "
+        "Prometheus scrapers (default: off, every route needs the key when --api-key is set)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the server's log level")
     p.set_defaults(func=run)
 
 
@@ -110,9 +125,6 @@ def run(args: argparse.Namespace) -> int:
         source = "--api-key" if args.api_key is not None else "TRAINSERVE_API_KEY"
         print(f"trainserve serve: {source} is empty; give a key, or leave it out to serve without one",
               file=sys.stderr)
-        return 2
-    if args.max_request_bytes < 1:
-        print("trainserve serve: --max-request-bytes must be positive", file=sys.stderr)
         return 2
     if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
         print(f"trainserve serve: --adapters-dir {args.adapters_dir!r} is not a directory", file=sys.stderr)
@@ -153,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         max_request_bytes=args.max_request_bytes,
         trust_request_chat_template=args.trust_request_chat_template,
+        public_health=args.public_health,
     )
     state = ServerState(mstate.engine, mstate.config, config)
     try:

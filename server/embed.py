@@ -137,11 +137,13 @@ def serve_model(
     drain_timeout: float = 60.0,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     trust_request_chat_template: bool = False,
+    public_health: bool = False,
 ) -> ServerHandle:
     """Serve ``model``'s colocated engine: the base, ``loras`` (name → path), ``adapters_dir``, and
     ``live`` (the model's training adapter). ``background=False`` blocks until the server stops
     (SIGINT/SIGTERM in the main thread). ``port=0`` picks a free port (see ``handle.url``).
-    ``api_key=""`` is refused (``ValueError``): an unset variable must not turn authentication off."""
+    ``api_key=""`` is refused (``ValueError``): an unset variable must not turn authentication off.
+    ``public_health=True`` leaves ``/health``, ``/ping`` and ``/metrics`` open without the key."""
     from trainserve.model_api import state_of
 
     if api_key is not None and not api_key.strip():
@@ -161,6 +163,7 @@ def serve_model(
         drain_timeout=drain_timeout,
         max_request_bytes=max_request_bytes,
         trust_request_chat_template=trust_request_chat_template,
+        public_health=public_health,
     )
     state = ServerState(engine, mstate.config, config)
     publisher = LivePublisher(engine)

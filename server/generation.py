@@ -267,6 +267,13 @@ def completion_logprobs(
     """OpenAI completions ``logprobs`` for generated tokens; ``cursor`` carries the text offset."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token_id, candidates in zip(token_ids, logprobs or [], strict=False):
+        if candidates is None:  # an echoed prompt's first token: nothing to condition it on
+            out["tokens"].append(tt.text_of(token_id, None, as_ids))
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            out["text_offset"].append(cursor.offset)
+            cursor.advance(token_id)
+            continue
         chosen = candidates.get(token_id)
         out["tokens"].append(tt.text_of(token_id, chosen, as_ids))
         out["token_logprobs"].append(clamp_logprob(chosen.logprob) if chosen is not None else None)

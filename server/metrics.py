@@ -22,6 +22,12 @@ ROUTES = frozenset(
         "/v1/unload_lora_adapter",
         "/health",
         "/metrics",
+        "/tokenize",
+        "/detokenize",
+        "/version",
+        "/ping",
+        "/docs",
+        "/openapi.json",
     }
 )
 
@@ -96,4 +102,6 @@ class Metrics:
 
     @staticmethod
     def route_label(path: str) -> str:
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{model}"
         return path if path in ROUTES else "other"

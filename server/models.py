@@ -47,11 +47,24 @@ class AdapterEntry:
     digest: str
     rank: int
     source: str  # "cli", "api" or "dir"
+    shown_path: str = ""  # what clients see: relative to --adapters-dir, else the directory's name
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def label(self) -> str:
         return f"{self.name}@v{self.version}"
+
+
+def shown_path(path: str | os.PathLike, adapters_dir: str | None) -> str:
+    """An adapter directory as clients see it: relative to the adapters directory when inside it,
+    else its directory name only (where the operator keeps files is not the clients' business)."""
+    resolved = Path(path).resolve()
+    if adapters_dir is not None:
+        try:
+            return str(resolved.relative_to(Path(adapters_dir).resolve()))
+        except ValueError:
+            pass
+    return resolved.name
 
 
 class ModelTable:
@@ -180,8 +193,34 @@ class ModelTable:
         """Validate and serve the adapter at ``path`` as ``name``; return ``(entry, changed)``.
 
         Raises :class:`AdapterError` for an adapter that cannot be served (nothing else changes),
-        and :class:`APIError` for a name that is taken (unless ``replace``) or reserved.
+        and :class:`APIError` for a name that is taken (unless ``replace``) or reserved. Error
+        messages name paths as clients may see them (:func:`shown_path`), never the server's
+        absolute paths: they reach API clients and ``/health``.
         """
+        try:
+            return self._load(name, path, source=source, replace=replace, confine_to=confine_to)
+        except AdapterError as exc:
+            raise AdapterError(self._scrub(str(exc), path, confine_to)) from exc
+
+    def _scrub(self, message: str, path: str | os.PathLike, confine_to: str | None) -> str:
+        """``message`` with the adapter's absolute path shown as clients see it, and the adapters
+        directory and the snapshot directory by their role."""
+        pairs: list[tuple[str, str]] = []
+        if "\x00" not in str(path):
+            src = Path(path) if confine_to is None else Path(confine_to).resolve() / path
+            pairs.append((str(src.resolve()), shown_path(src, confine_to)))
+            pairs.append((str(Path(path).absolute()), shown_path(src, confine_to)))
+        if confine_to is not None:
+            pairs += [(str(Path(confine_to).resolve()), "<adapters-dir>"), (str(confine_to), "<adapters-dir>")]
+        pairs.append((self._snapshots, "<snapshot>"))
+        for old, new in sorted(pairs, key=lambda p: -len(p[0])):
+            if old and old not in (".", "/"):
+                message = message.replace(old, new)
+        return message
+
+    def _load(
+        self, name: str, path: str | os.PathLike, *, source: str, replace: bool, confine_to: str | None
+    ) -> tuple[AdapterEntry, bool]:
         self.check_name(name)
         if "\x00" in str(path):  # os calls raise a bare ValueError for it
             raise AdapterError(f"adapter path {str(path)!r} contains a NUL byte")
@@ -220,7 +259,9 @@ class ModelTable:
             except BaseException:
                 shutil.rmtree(snap, ignore_errors=True)
                 raise
-            entry = AdapterEntry(name, version, request, str(src), snap, info.digest, info.rank, source)
+            entry = AdapterEntry(
+                name, version, request, str(src), snap, info.digest, info.rank, source, shown_path(src, confine_to)
+            )
             with self._lock:
                 self._next_version[name] = version
                 old = self._entries.get(name)

@@ -1,4 +1,4 @@
-"""``GET /v1/models``, adapter load/unload (vLLM's bodies), ``GET /health``, ``GET /metrics``."""
+"""``GET /v1/models`` and ``/v1/models/{id}``, adapter load/unload (vLLM's bodies), ``/health``, ``/metrics``."""
 
 from __future__ import annotations
 
@@ -28,15 +28,13 @@ def _card(state: Any, model_id: str, created: int, **extra: Any) -> dict[str, An
     }
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> Any:
-    state = request.app.state.server
+def _cards(state: Any) -> list[dict[str, Any]]:
     table = state.models
     base = table.base_name
     data = [_card(state, base, table.created, root=state.engine.spec.model_path, parent=None, version="base")]
     for entry in table.entries():
         data.append(
-            _card(state, entry.name, entry.created, root=entry.source_path, parent=base, version=entry.label)
+            _card(state, entry.name, entry.created, root=entry.shown_path, parent=base, version=entry.label)
         )
     live = table.live
     if live is not None:
@@ -51,7 +49,22 @@ async def list_models(request: Request) -> Any:
                 version=f"{LIVE_NAME}@v{served}" if served is not None else None,
             )
         )
-    return {"object": "list", "data": data}
+    return data
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Any:
+    return {"object": "list", "data": _cards(request.app.state.server)}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> Any:
+    """OpenAI's retrieve; ids may hold slashes (hub ids, paths), hence the ``path`` converter."""
+    state = request.app.state.server
+    for card in _cards(state):
+        if card["id"] == model_id:
+            return card
+    raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
 
 
 @router.post("/v1/load_lora_adapter")

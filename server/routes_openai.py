@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
+from trainserve.server.echo import EchoPlan, engine_prompt_logprobs, format_prompt_logprobs, prompt_texts
 from trainserve.server.errors import APIError, error_body
 from trainserve.server.generation import (
     ClientDisconnected,
@@ -49,8 +50,13 @@ class _Run:
         group: RequestGroup,
         prompts: list[list[int]],
         logprobs: int | None,
+        echo: EchoPlan | None = None,
+        with_prompt_logprobs: bool = False,
     ):
         self.state, self.body, self.chat, self.group = state, body, chat, group
+        self.echo = echo
+        self.with_prompt_logprobs = with_prompt_logprobs
+        self.prompt_lps: dict[int, Any] = {}  # prompt index → the engine's prompt logprobs
         self.prompts = prompts
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.as_ids = bool(body.return_tokens_as_token_ids)
@@ -92,7 +98,14 @@ class _Run:
         for out in output.outputs:
             index = prompt_index * self.body.n + out.index
             choice = self.choices.setdefault(index, _Choice())
-            choice.text.append(out.text)
+            if output.prompt_logprobs and prompt_index not in self.prompt_lps:  # once (DELTA: first output)
+                self.prompt_lps[prompt_index] = output.prompt_logprobs
+            text, ids, lps = out.text, list(out.token_ids), out.logprobs
+            if self.echo is not None:
+                text, ids, lps = self.echo.prefix(
+                    index, prompt_index, self.prompt_lps.get(prompt_index), text, ids, lps
+                )
+            choice.text.append(text)
             choice.tokens += len(out.token_ids)
             if self.return_ids:
                 choice.token_ids.extend(out.token_ids)
@@ -104,7 +117,7 @@ class _Run:
                 else:
                     if choice.cursor is None:
                         choice.cursor = TextCursor(tt, self.body.skip_special_tokens)
-                    lp = completion_logprobs(tt, out.token_ids, out.logprobs, choice.cursor, self.as_ids)
+                    lp = completion_logprobs(tt, ids, lps, choice.cursor, self.as_ids)
                     if choice.logprobs is None:
                         choice.logprobs = {k: [] for k in lp}
                     for k, v in lp.items():
@@ -116,7 +129,7 @@ class _Run:
             if out.token_ids and not self.first_token:
                 self.first_token = True
                 self.state.metrics.first_token_seconds.observe(time.perf_counter() - self.started)
-            deltas.append((index, out.text, lp, out.finish_reason, list(out.token_ids)))
+            deltas.append((index, text, lp, out.finish_reason, list(out.token_ids)))
         return deltas
 
     def count_tokens(self) -> None:
@@ -146,6 +159,8 @@ class _Run:
                 }
                 if self.return_ids:  # vLLM's return_token_ids: the prompt's ids on each choice
                     item["prompt_token_ids"] = self.prompts[index // self.body.n]
+                if self.with_prompt_logprobs:  # vLLM's prompt_logprobs (also with echo and logprobs)
+                    item["prompt_logprobs"] = format_prompt_logprobs(self.prompt_lps.get(index // self.body.n))
             if self.return_ids:
                 item["token_ids"] = c.token_ids
             choices.append(item)
@@ -194,12 +209,14 @@ async def _generate(
     prompts: list[list[int]],
     max_tokens: int,
     logprobs: int | None,
+    echo: EchoPlan | None = None,
+    prompt_logprobs: int | None = None,
 ) -> Any:
     state = request.app.state.server
-    params = sampling_params(body, max_tokens, logprobs)
+    params = sampling_params(body, max_tokens, logprobs, prompt_logprobs)
     group = RequestGroup(state, body.model)
     await group.submit(prompts, params)
-    run = _Run(state, body, chat, group, prompts, logprobs)
+    run = _Run(state, body, chat, group, prompts, logprobs, echo, prompt_logprobs is not None)
     headers = {VERSION_HEADER: group.label}
     if not body.stream:
         try:
@@ -253,10 +270,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     prompts = await asyncio.to_thread(
         completion_prompts, body, state.tokenizer, state.vocab_size, state.max_model_len, state.max_prompt_chars
     )
+    prompt_only = body.echo and body.max_tokens == 0  # vLLM: echo the prompt, generate nothing
     max_tokens = resolve_max_tokens(
-        body.max_tokens, [len(p) for p in prompts], state.max_model_len, "max_tokens", "prompt"
+        1 if prompt_only else body.max_tokens, [len(p) for p in prompts], state.max_model_len, "max_tokens", "prompt"
     )
-    return await _generate(request, body, False, prompts, max_tokens, body.logprobs)
+    prompt_logprobs = engine_prompt_logprobs(body)
+    echo = None
+    if body.echo:
+        texts = await asyncio.to_thread(prompt_texts, body, prompts, state.tokenizer, state.max_prompt_chars)
+        echo = EchoPlan(texts, prompts, bool(prompt_only))
+    return await _generate(request, body, False, prompts, max_tokens, body.logprobs, echo, prompt_logprobs)
 
 
 @router.post("/v1/chat/completions")

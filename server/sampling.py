@@ -39,6 +39,13 @@ def _too_many_chars(chars: int, max_model_len: int, max_chars: int, param: str) 
     )
 
 
+def max_prompt_text(text: str, max_model_len: int, max_chars: int, param: str) -> str:
+    """``text``, or a 400 when it is longer than any prompt can be (checked before tokenising)."""
+    if len(text) > max_chars:
+        raise _too_many_chars(len(text), max_model_len, max_chars, param)
+    return text
+
+
 def _bound_text(text: str, req: SamplingFields, max_model_len: int, max_chars: int, param: str) -> str:
     """Refuse (or, when truncating, cut) a text that cannot fit the context, before tokenising it."""
     if len(text) <= max_chars:
@@ -199,7 +206,28 @@ def resolve_max_tokens(
     return requested
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
+def structured_outputs(req: SamplingFields) -> Any:
+    """vLLM ``StructuredOutputsParams`` from ``response_format`` (``json_object``: any JSON object;
+    ``json_schema``: that schema) or ``structured_outputs``, as vLLM maps them; None for plain text.
+    vLLM's structured-output backend (xgrammar / guidance) compiles and enforces the constraint; it
+    checks it when the request is submitted (a bad schema, regex or grammar is a 400)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if fmt is not None and fmt.type == "json_schema":
+        assert fmt.json_schema is not None
+        return StructuredOutputsParams(json=fmt.json_schema.schema_)
+    so = req.structured_outputs
+    if so is None:
+        return None
+    return StructuredOutputsParams(**so.model_dump(exclude_none=True, by_alias=True))
+
+
+def sampling_params(
+    req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> Any:
     """vLLM ``SamplingParams`` for the request (DELTA outputs when streaming); vLLM's checks → 400."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -213,11 +241,13 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         allowed_token_ids=req.allowed_token_ids,
         bad_words=req.bad_words,
+        logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
         output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
     )
     optional = {
@@ -233,6 +263,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:
         raise bad_request("seed must fit in a signed 64-bit integer", param="seed")
     try:
+        values["structured_outputs"] = structured_outputs(req)
         return SamplingParams(**values)
     except client_error_types() as exc:
         raise from_engine_error(exc) from exc

@@ -3,13 +3,15 @@
 Every field a request may carry is either honoured (with vLLM's semantics for vLLM's extras) or
 rejected with a 400 naming it — never accepted and ignored: a field this server does not know is
 refused as OpenAI does ("Unrecognized request argument supplied"), and the OpenAI/vLLM features it
-cannot honour (tools, structured output, logit bias, ...) are refused unless their value means
+cannot honour (tools, structured output, ...) are refused unless their value means
 "not used". An explicit ``null`` means the field's default, as in OpenAI and vLLM. Strings that are
 not valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON allows) are a 400.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,13 +26,11 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "tool_choice": (None, "none"),
-    "logit_bias": (None, {}),
     "suffix": (None, ""),
     "echo": (None, False),
     "best_of": (None, 1),
     "use_beam_search": (None, False),
     "prompt_logprobs": (None,),
-    "structured_outputs": (None,),
     "guided_json": (None,),
     "guided_regex": (None,),
     "guided_choice": (None,),
@@ -52,6 +52,19 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "reasoning_effort": (None,),
     "thinking_token_budget": (None,),
 }
+# why a field is refused, where the generic "not supported" would leave the client guessing
+_WHY = {
+    "suffix": "'suffix' (fill-in-the-middle insertion) is not supported by this server",
+    "best_of": "'best_of' is not supported (vLLM removed it); use n, or n with logprobs to rank completions",
+}
+_WHY.update(
+    {
+        f"guided_{kind}": f"'guided_{kind}' is not supported (vLLM replaced it): send "
+        f"structured_outputs: {{\"{kind}\": ...}}"
+        for kind in ("json", "regex", "choice", "grammar")
+    }
+)
+_LOGIT_BIAS_KEY = re.compile(r"^[0-9]{1,10}$")
 # the kinds of content part OpenAI and vLLM accept besides text, by the name used in the error
 _MEDIA_PARTS = {"image_url": "image", "image": "image", "input_image": "image", "input_audio": "audio",
                 "audio_url": "audio", "video_url": "video", "file": "file"}
@@ -117,6 +130,61 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced (a grammar), strict or not
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise bad_request(
+                "response_format of type json_schema needs json_schema.schema", param="response_format.json_schema"
+            )
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise bad_request(
+                f"json_schema belongs to response_format type json_schema, not {self.type}",
+                param="response_format.json_schema",
+            )
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: exactly one constraint, enforced by vLLM's structured-output
+    backend. vLLM's per-request ``disable_any_whitespace``, ``disable_additional_properties`` and
+    ``whitespace_pattern`` are not accepted: its backends read those from the server's settings,
+    so a request's value would be ignored."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [k for k, v in self.model_dump(by_alias=True).items() if v is not None]
+        if len(given) != 1:
+            raise bad_request(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, json_object"
+                + (f" (got {', '.join(given)})" if given else ""),
+                param="structured_outputs",
+            )
+        if self.json_object is False:
+            raise bad_request("structured_outputs.json_object must be true when given", param="structured_outputs")
+        return self
+
+
 class SamplingFields(_Request):
     """Fields shared by ``/v1/completions`` and ``/v1/chat/completions`` (OpenAI and vLLM extras)."""
 
@@ -151,6 +219,9 @@ class SamplingFields(_Request):
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
     priority: Int64 = 0
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) → bias in [-100, 100]
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="after")
     def _reject_unsupported(self) -> SamplingFields:
@@ -158,9 +229,11 @@ class SamplingFields(_Request):
         for name, accepted in _UNSUPPORTED.items():
             if name in extra and not any(extra[name] == ok for ok in accepted):
                 raise bad_request(
-                    f"{name!r} is not supported by this server", param=name, code="unsupported_parameter"
+                    _WHY.get(name, f"{name!r} is not supported by this server"),
+                    param=name,
+                    code="unsupported_parameter",
                 )
-        unknown = [name for name in extra if name not in _UNSUPPORTED and name != "response_format"]
+        unknown = [name for name in extra if name not in _UNSUPPORTED]
         if unknown:
             raise bad_request(
                 f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_parameter"
@@ -171,12 +244,19 @@ class SamplingFields(_Request):
                 param="priority",
                 code="unsupported_parameter",
             )
-        fmt = extra.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        for key, bias in (self.logit_bias or {}).items():
+            if not _LOGIT_BIAS_KEY.match(key):
+                raise bad_request(
+                    f"logit_bias keys must be token ids written as strings, got {key!r}", param="logit_bias"
+                )
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise bad_request(
+                    f"logit_bias[{key!r}] must be between -100 and 100, got {bias}", param="logit_bias"
+                )
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text" and self.structured_outputs is not None:
             raise bad_request(
-                "only response_format {'type': 'text'} is supported",
-                param="response_format",
-                code="unsupported_parameter",
+                "give either response_format or structured_outputs, not both", param="structured_outputs"
             )
         return self
 
@@ -186,6 +266,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     add_special_tokens: bool = True  # vLLM: the tokenizer's BOS etc. are added to text prompts
+    echo: bool = False  # the prompt (and its logprobs) in front of the completion: see echo.py
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's extra: per-prompt-token logprobs
 
 
 class TextPart(_Strict):
@@ -278,3 +360,40 @@ class UnloadLoraRequest(_Request):
                 code="unsupported_parameter",
             )
         return self
+
+
+class TokenizeRequest(_Request):
+    """vLLM's ``POST /tokenize`` body: a ``prompt`` (``TokenizeCompletionRequest``) or chat
+    ``messages`` (``TokenizeChatRequest``, rendered with the chat template as for chat completions)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # vLLM: true for a prompt, false for messages
+    return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_message_parts(cls, data: Any) -> Any:
+        return _check_messages(data)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give either prompt or messages", param="prompt" if self.prompt is None else "messages")
+        if self.prompt is not None:
+            for name in ("chat_template", "chat_template_kwargs"):
+                if getattr(self, name) is not None:
+                    raise bad_request(f"{name} applies to messages, not to a prompt", param=name)
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's ``POST /detokenize`` body."""
+
+    model: str | None = None
+    tokens: list[TokenId]

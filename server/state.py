@@ -30,6 +30,7 @@ class ServerConfig:
     drain_timeout: float = 300.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     trust_request_chat_template: bool = False  # let requests replace the chat template (still sandboxed)
+    public_health: bool = False  # /health, /ping and /metrics answer without the API key (probes, scrapers)
 
     def __post_init__(self) -> None:
         # ``--api-key "$KEY"`` with KEY unset must not start a server without authentication.

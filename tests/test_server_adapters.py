@@ -143,6 +143,8 @@ def test_bad_adapters_are_400_and_everything_keeps_serving(http, server, pool):
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["message"], case
         assert "trainserve-adapters-" not in err["message"]  # the user's path, not the private snapshot
+        for server_path in (str(server.adapters_dir), str(server.adapters_dir.resolve())):
+            assert server_path not in err["message"], (case, err["message"])  # relative to --adapters-dir
         # everything loaded before still answers, with the same outputs
         assert _model_ids(http) == models_before, case
         for model, text in before.items():

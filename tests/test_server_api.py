@@ -35,6 +35,7 @@ def test_models_lists_base_and_adapters(client, server):
     assert "live" not in ids  # no training in a standalone server
     card = next(m for m in models.data if m.id == "a1")
     assert card.model_extra["version"] == "a1@v1" and card.model_extra["parent"] == server.model
+    assert card.model_extra["root"] == "a1"  # relative to --adapters-dir, not the server's absolute path
 
 
 def test_completion_non_streaming(client, server):

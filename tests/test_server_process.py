@@ -28,6 +28,14 @@ ROUTES = [
     ("POST", "/v1/unload_lora_adapter"),
     ("GET", "/health"),
     ("GET", "/metrics"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/version"),
+    ("GET", "/ping"),
+    ("POST", "/ping"),
+    ("GET", "/v1/models/mine"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
     ("GET", "/no/such/route"),
 ]
 
@@ -60,6 +68,7 @@ def test_cli_lora_is_served(keyed_server):
     client = keyed_server.openai()
     cards = {m.id: m for m in client.models.list().data}
     assert cards["mine"].model_extra["version"] == "mine@v1"
+    assert cards["mine"].model_extra["root"] == "mine"  # outside --adapters-dir: the directory's name only
     base = client.completions.create(
         model=keyed_server.model, prompt=PROMPTS[0], max_tokens=12, temperature=0
     )

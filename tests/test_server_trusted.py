@@ -1,5 +1,6 @@
-"""A server started with ``--trust-request-chat-template --drain-timeout 0``: request-supplied chat
-templates are rendered, but in a sandboxed process with limits; a drain that times out exits non-zero."""
+"""A server started with ``--trust-request-chat-template --drain-timeout 0 --public-health`` and an
+API key: request-supplied chat templates are rendered, but in a sandboxed process with limits; the
+probes are open without the key, nothing else is; a drain that times out exits non-zero."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from server_support import PROMPTS, complete, start_server
 
 pytestmark = pytest.mark.engine
 
+KEY = "sk-trusted-91c2"
 TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}ANSWER:"
 
 
 @pytest.fixture(scope="module")
 def trusted():
-    server = start_server(["--trust-request-chat-template", "--drain-timeout", "0"])
+    server = start_server(
+        ["--trust-request-chat-template", "--drain-timeout", "0", "--public-health"], api_key=KEY
+    )
     yield server
     server.stop()
 
@@ -57,6 +61,21 @@ def test_runaway_templates_are_cut_off(trusted, template, code):
         # the server (and the renderer, restarted if it was killed) keeps serving
         assert complete(http, trusted.model, max_tokens=2)["usage"]["completion_tokens"] == 2
         assert http.post("/v1/chat/completions", json=_chat(trusted, TEMPLATE)).status_code == 200
+
+
+def test_public_health_opens_only_the_probes(trusted):
+    import httpx
+
+    with httpx.Client(base_url=trusted.url, timeout=30) as anon:
+        assert anon.get("/health").json()["status"] == "ok"
+        assert anon.get("/ping").status_code == 200 and anon.post("/ping").status_code == 200
+        assert "trainserve_requests_total" in anon.get("/metrics").text
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/tokenize"),
+                             ("GET", "/version"), ("GET", "/openapi.json"), ("GET", "/health/x")):
+            r = anon.request(method, path, json={"model": trusted.model, "prompt": "x"})
+            assert r.status_code == 401, (method, path, r.status_code)
+    with trusted.client() as ok:
+        assert ok.get("/v1/models").status_code == 200
 
 
 def test_drain_that_times_out_exits_nonzero(trusted):

@@ -12,7 +12,8 @@ apply_env_defaults()
 from trainserve.loader import FastLanguageModel  # noqa: E402
 from trainserve.tiny import tiny_model  # noqa: E402
 
-__all__ = ["FastLanguageModel", "GRPOTrainer", "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
+__all__ = ["FastLanguageModel", "FastLlamaModel", "FastQwen2Model", "GRPOTrainer",
+           "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
 __version__ = "0.1.0"
 
 
@@ -33,6 +34,10 @@ def __getattr__(name: str):
         from trainserve.rl.trainer import GRPOTrainer
 
         return GRPOTrainer
+    if name in ("FastLlamaModel", "FastQwen2Model"):  # lazy: they import the training kernels
+        from trainserve import fast_models
+
+        return getattr(fast_models, name)
     if name == "LoRARequest":
         from vllm.lora.request import LoRARequest
 

@@ -123,13 +123,24 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_HELP = """\
+Train a LoRA adapter on the embedded tiny Qwen2 (no download) to answer four questions, while
+the colocated vLLM engine answers them between optimizer steps with the adapter as trained so far:
+the answers change as it learns, with no saving, merging or syncing. Ends with the measured
+latencies (adapter copy into the engine, optimizer step to first token under the new weights)."""
+
+
 def register(subparsers: Any) -> None:
     """Add ``trainserve demo``."""
-    p = subparsers.add_parser("demo", help="train a LoRA on the tiny model while the engine generates with it live")
+    from trainserve.cli import HelpFormatter, positive_float, positive_int
+
+    p = subparsers.add_parser(
+        "demo", help="watch a tiny model learn facts through the live adapter (no download)",
+        description=DEMO_HELP, formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the embedded tiny Qwen2)")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--every", type=int, default=5, help="print the engine's answers every N steps")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=3407)
+    p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps")
+    p.add_argument("--every", type=positive_int, default=5, help="print the engine's answers every N steps")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate")
+    p.add_argument("--seed", type=int, default=3407, help="random seed of the adapter's initial weights")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logging")
     p.set_defaults(func=_main)

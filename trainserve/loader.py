@@ -14,7 +14,9 @@ import torch
 from trainserve import model_api
 from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry, unsupported_targets_message
 from trainserve.checkpointing import normalize_gc_mode
+from trainserve.hf_kwargs import pop_hf_kwargs, resolve_model_path
 from trainserve.precision import check_model_dims, resolve_precision
+from trainserve.reload import load_saved_adapter, saved_adapter_base
 from trainserve.rope_config import apply_rope_parameters, check_supported, normalize_rope_scaling
 
 logger = logging.getLogger("trainserve")
@@ -116,10 +118,21 @@ class FastLanguageModel:
         own int4 engine format, or NF4 through vLLM's bitsandbytes with ``quant_backend="bitsandbytes"``),
         ``load_in_8bit`` (int8), ``load_in_fp8`` (``True`` or ``"block"``: FP8 with
         128x128 block scales), ``load_in_16bit`` / ``full_finetuning`` (16-bit). Without CUDA the
-        quantised formats warn once and load ``dtype`` weights."""
+        quantised formats warn once and load ``dtype`` weights. A saved LoRA directory as ``model_name``
+        loads its base model (adapter_config.json) and the adapter on top, trainable."""
+        # the arguments as given (locals() holds only them here): a saved adapter's base loads with them
+        call = {**{k: v for k, v in locals().items() if k not in ("model_name", "kwargs")}, **kwargs}
         from transformers import AutoConfig, AutoTokenizer
 
+        dtype, hf = pop_hf_kwargs(kwargs, dtype)
         _reject_unsupported(kwargs)
+        model_name = resolve_model_path(model_name, hf, revision, token)
+        adapter_base = saved_adapter_base(model_name)
+        if adapter_base is not None:
+            model, tokenizer = FastLanguageModel.from_pretrained(adapter_base, **call)
+            return load_saved_adapter(model, tokenizer, model_name, FastLanguageModel.get_peft_model,
+                                      use_gradient_checkpointing, random_state,
+                                      _fix_tokenizer if fix_tokenizer else None)
         cuda = torch.cuda.is_available()
         torch_dtype = _resolve_dtype(dtype, cuda)
         precision = resolve_precision(
@@ -140,7 +153,7 @@ class FastLanguageModel:
             raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
 
         config = AutoConfig.from_pretrained(model_name, token=token, revision=revision,
-                                            trust_remote_code=trust_remote_code)
+                                            trust_remote_code=trust_remote_code, **hf.config_kwargs())
         model_type = getattr(config, "model_type", None)
         if model_type not in ARCHITECTURES:
             raise NotImplementedError(

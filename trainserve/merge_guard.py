@@ -26,13 +26,13 @@ class SharedBaseMergeError(RuntimeError):
 
 
 def merge_refusal(what: str, model: Any = None) -> str:
-    """The error message for a refused merge, naming the safe export routes."""
-    route = ("model.save_pretrained_merged(dir, tokenizer) (merges into a copy), or "
-             if model is not None and hasattr(model, "save_pretrained_merged") else "")
+    """The error message for a refused merge, naming the safe export routes (``model`` is unused,
+    kept for callers that pass it)."""
     return (f"{what} would write the LoRA into the base weights that the colocated vLLM engine serves (the "
             "training model's base parameters are the engine's tensors), changing the base model, every saved "
             "adapter served on it and later from_pretrained() calls in this process. To export a merged model "
-            f"use {route}model.save_lora(dir) and merge in a process without the engine: "
+            "use model.save_pretrained_merged(dir, tokenizer) (it merges into a CPU copy and leaves the engine "
+            "untouched), or model.save_lora(dir) and merge in a process without the engine: "
             "FastLanguageModel.from_pretrained(base, fast_inference=False), then "
             "peft.PeftModel.from_pretrained(model, dir).merge_and_unload().")
 

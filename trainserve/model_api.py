@@ -1,4 +1,5 @@
-"""Methods trainserve attaches to a model: ``fast_generate``, ``save_lora``, ``load_lora``.
+"""Methods trainserve attaches to a model: ``fast_generate``, ``save_lora``, ``load_lora``, ``serve`` and
+the exports of :mod:`trainserve.export` (``save_pretrained_merged``, ``push_to_hub_merged``).
 
 They read the model's :class:`ModelState` (``model._trainserve``), which links the transformers
 model to the engine, the live adapter and the saved-adapter registry.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainserve.adapters import AdapterRegistry
+from trainserve.export import push_to_hub_merged, save_pretrained_merged
 
 _NEEDS_ENGINE = ("needs the colocated vLLM engine: load the model with "
                  "FastLanguageModel.from_pretrained(..., fast_inference=True)")
@@ -144,3 +146,5 @@ def attach_api(model: Any, fast: bool) -> None:
     model.load_lora = types.MethodType(load_lora, model)
     model.serve = types.MethodType(serve, model)
     model.save_lora = types.MethodType(save_lora, model)
+    model.save_pretrained_merged = types.MethodType(save_pretrained_merged, model)
+    model.push_to_hub_merged = types.MethodType(push_to_hub_merged, model)

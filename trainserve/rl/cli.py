@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 import warnings
 from typing import Any
@@ -145,43 +146,91 @@ def run_grpo(
     return summary
 
 
+GRPO_HELP = """\
+GRPO (reinforcement learning with TRL's GRPOTrainer) on a built-in toy task: the tiny Qwen2 (no
+download; or --model) learns to mention --target-word exactly once in its answers. Rollouts
+come from the colocated vLLM engine with the adapter as trained so far: no second engine, no merge.
+
+Writes to --out: metrics.jsonl (one line per step), reward.png, summary.json, checkpoint-<step>
+directories (atomic; --save-every, --keep-checkpoints) and the final adapter in adapter/.
+--resume continues from the last complete checkpoint; --serve-port serves the adapter being trained
+over the OpenAI-compatible HTTP API (model name 'live') while it trains."""
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """Problems between options, found before anything is imported or started."""
+    if args.batch_size % args.num_generations:
+        return (f"--batch-size {args.batch_size} must be a multiple of --num-generations "
+                f"{args.num_generations} (each prompt of a step gets --num-generations completions)")
+    return None
+
+
 def register(subparsers: Any) -> None:
     """Add ``trainserve grpo``."""
-    p = subparsers.add_parser("grpo", help="GRPO on a built-in toy task, rollouts from the colocated engine",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from trainserve.cli import (
+        HelpFormatter,
+        fraction,
+        non_negative_float,
+        non_negative_int,
+        port,
+        positive_float,
+        positive_int,
+    )
+
+    p = subparsers.add_parser("grpo", help="GRPO reinforcement learning on a built-in toy task",
+                              description=GRPO_HELP, formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the embedded tiny Qwen2)")
-    p.add_argument("--steps", type=int, default=60,
+    p.add_argument("--steps", type=positive_int, default=60,
                    help="optimizer steps (total, also when resuming: more than the checkpoint's run extends it, "
                    "the learning-rate schedule rebuilt for the new total)")
     p.add_argument("--out", default="runs/grpo-toy", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps and at the end (0: none)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (0: all)")
-    p.add_argument("--serve-port", type=int, default=None, help="serve the live adapter over HTTP here")
-    p.add_argument("--serve-host", default="127.0.0.1")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32, help="completions per step (prompts x generations)")
-    p.add_argument("--max-completion-length", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model)")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--target-word", default="blue")
+    p.add_argument("--save-every", type=non_negative_int, default=20,
+                   help="checkpoint every N steps and at the end (0: none)")
+    p.add_argument("--keep-checkpoints", type=non_negative_int, default=2,
+                   help="how many checkpoints to keep (0: all)")
+    p.add_argument("--serve-port", type=port, default=None,
+                   help="serve the live adapter over HTTP on this port (0: any free port; default: no server)")
+    p.add_argument("--serve-host", default="127.0.0.1", help="address for --serve-port")
+    p.add_argument("--seed", type=int, default=0, help="random seed (adapter init, sampling, data order)")
+    p.add_argument("--lr", type=positive_float, default=5e-3, help="learning rate (linear decay to 0)")
+    p.add_argument("--num-generations", type=_at_least_two, default=8,
+                   help="completions per prompt (GRPO compares them; at least 2)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="completions per step (prompts x --num-generations; a multiple of it)")
+    p.add_argument("--max-completion-length", type=positive_int, default=16, help="tokens per completion")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature of the rollouts")
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling of the rollouts")
+    p.add_argument("--beta", type=non_negative_float, default=0.0,
+                   help="KL coefficient (0: no reference model)")
+    p.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank (alpha is twice the rank)")
+    p.add_argument("--target-word", default="blue", help="the word the reward asks for, exactly once")
     p.add_argument("--plain-text", action="store_true", help="plain-text prompts instead of chat messages")
-    p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--max-seq-length", type=positive_int, default=256, help="engine context length")
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.3,
+                   help="share of the accelerator's memory the engine may use")
     p.add_argument("--no-plot", action="store_true", help="skip reward.png")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logging")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=_main, check=_check)
+
+
+def _at_least_two(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (GRPO compares completions), got {text}")
+    return value
 
 
 def _main(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if args.save_every < 0:
-        raise SystemExit("--save-every must be >= 0")
+    problem = _check(args)  # also when called without trainserve.cli.main
+    if problem:
+        print(f"trainserve grpo: error: {problem}", file=sys.stderr)
+        return 2
     try:
         summary = run_grpo(
             args.out, model_path=args.model, steps=args.steps, seed=args.seed, lr=args.lr,

@@ -1,0 +1,96 @@
+"""``echo`` and ``prompt_logprobs`` on ``/v1/completions``, with vLLM's semantics.
+
+Likelihood scoring (lm-eval's ``local-completions`` loglikelihood, multiple-choice and perplexity
+tasks) sends ``echo=true, logprobs=k, max_tokens=0 or 1`` and reads the logprob of every prompt
+token from ``choices[i].logprobs``. As in vLLM (and OpenAI's legacy completions):
+
+* with ``echo`` the engine is asked for prompt logprobs (``prompt_logprobs``, or else ``logprobs``);
+* the first output of each choice is prefixed with the prompt's text, token ids and logprobs; the
+  first prompt token has no logprob (``null``, and ``null`` top logprobs);
+* ``max_tokens=0`` with ``echo`` returns the prompt alone (the engine still runs one step:
+  ``max_tokens=1``, whose token counts in ``usage`` as in vLLM);
+* ``prompt_logprobs`` (vLLM's extra) puts vLLM's raw per-token dicts on each choice
+  (``{token_id: {"logprob", "rank", "decoded_token"}}``, the first entry ``null``); it is refused
+  with ``stream=true``, where there is no place to return it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainserve.server.errors import bad_request
+from trainserve.server.generation import clamp_logprob
+from trainserve.server.schemas import CompletionRequest
+
+
+def engine_prompt_logprobs(req: CompletionRequest) -> int | None:
+    """The ``prompt_logprobs`` the engine must compute (vLLM: echo implies ``logprobs`` of them)."""
+    if req.prompt_logprobs is not None:
+        if req.stream:
+            raise bad_request(
+                "prompt_logprobs are not available when stream=true", param="prompt_logprobs"
+            )
+        return req.prompt_logprobs
+    return req.logprobs if req.echo else None
+
+
+def prompt_texts(req: CompletionRequest, prompts: list[list[int]], tokenizer: Any, max_chars: int) -> list[str]:
+    """The text each prompt echoes: a text prompt as sent (unless it was truncated), token ids
+    decoded (vLLM detokenises token-id prompts for echo)."""
+    p = req.prompt
+    raw: list[Any] = [p] if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) else list(p)
+    texts = []
+    for item, ids in zip(raw, prompts, strict=True):
+        if isinstance(item, str) and req.truncate_prompt_tokens is None and len(item) <= max_chars:
+            texts.append(item)
+        else:
+            texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return texts
+
+
+def format_prompt_logprobs(entries: Any) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs`` in JSON: token-id keys, ``-inf`` clamped to -9999."""
+    if entries is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        out.append(
+            {
+                str(token_id): {
+                    "logprob": clamp_logprob(lp.logprob),
+                    "rank": lp.rank,
+                    "decoded_token": lp.decoded_token,
+                }
+                for token_id, lp in entry.items()
+            }
+        )
+    return out
+
+
+@dataclass
+class EchoPlan:
+    """What the completions of one request echo (``texts`` and ``ids`` per prompt)."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    prompt_only: bool  # max_tokens=0: the prompt without a generated token
+    echoed: set[int] = field(default_factory=set)
+
+    def prefix(
+        self, choice: int, prompt_index: int, prompt_lps: Any, text: str, ids: list[int], lps: Any
+    ) -> tuple[str, list[int], Any]:
+        """The first output of ``choice`` with the prompt in front (text, token ids, logprobs);
+        later outputs unchanged."""
+        if choice in self.echoed:
+            return ("", [], []) if self.prompt_only else (text, ids, lps)
+        self.echoed.add(choice)
+        p_text, p_ids = self.texts[prompt_index], self.ids[prompt_index]
+        p_lps = list(prompt_lps) if prompt_lps is not None else None
+        if self.prompt_only:
+            return p_text, list(p_ids), p_lps
+        merged = None if p_lps is None or lps is None else [*p_lps, *lps]
+        return p_text + text, [*p_ids, *ids], merged

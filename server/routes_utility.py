@@ -1,0 +1,89 @@
+"""vLLM's utility routes: ``POST /tokenize``, ``POST /detokenize``, ``GET /version``, ``GET|POST /ping``.
+
+Same request and response shapes as ``vllm serve`` (so tools that count tokens or probe a vLLM
+server work unchanged); behind the API key like every other route. Tokenising runs in a worker
+thread, never on the event loop, and a text longer than any prompt could be
+(``max_model_len × max_chars_per_token``) is refused before it is tokenised, as for completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+from trainserve.server.errors import APIError, bad_request
+from trainserve.server.sampling import chat_prompt, max_prompt_text
+from trainserve.server.schemas import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
+
+router = APIRouter()
+
+
+def _check_model(state: Any, model: str | None) -> None:
+    """vLLM checks ``model`` when it is given (404 for one not served)."""
+    if model is not None:
+        state.models.require(model)
+
+
+def _tokenize(state: Any, body: TokenizeRequest) -> list[int]:
+    tokenizer = state.tokenizer
+    if body.prompt is not None:
+        text = max_prompt_text(body.prompt, state.max_model_len, state.max_prompt_chars, "prompt")
+        add = True if body.add_special_tokens is None else body.add_special_tokens
+        return list(tokenizer.encode(text, add_special_tokens=add))
+    fields = body.model_dump(
+        include={"messages", "add_generation_prompt", "continue_final_message", "chat_template",
+                 "chat_template_kwargs"},
+        exclude_none=True,
+    )
+    if body.add_special_tokens is not None:
+        fields["add_special_tokens"] = body.add_special_tokens
+    try:
+        chat = ChatCompletionRequest.model_validate({"model": body.model or state.models.base_name, **fields})
+    except ValidationError as exc:  # already validated as a tokenize body: not expected
+        raise bad_request(str(exc), param="messages") from exc
+    return chat_prompt(
+        chat, tokenizer, state.max_model_len, state.max_prompt_chars, state.config.trust_request_chat_template
+    )
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+    state = request.app.state.server
+    _check_model(state, body.model)
+    ids = await asyncio.to_thread(_tokenize, state, body)
+    strs = state.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": strs}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+    state = request.app.state.server
+    _check_model(state, body.model)
+    if body.tokens and max(body.tokens) >= state.vocab_size:
+        raise bad_request(
+            f"token id {max(body.tokens)} is out of vocabulary (size {state.vocab_size})", param="tokens"
+        )
+    text = await asyncio.to_thread(state.tokenizer.decode, body.tokens)
+    return {"prompt": text}
+
+
+@router.get("/version")
+async def version() -> Any:
+    """vLLM's shape (``version``), with this server's version; the engine's under ``vllm_version``."""
+    import vllm
+
+    from trainserve import __version__
+
+    return {"version": __version__, "vllm_version": vllm.__version__}
+
+
+@router.api_route("/ping", methods=["GET", "POST"])
+async def ping(request: Request) -> Response:
+    """vLLM's (SageMaker's) liveness probe: an empty 200 while the engine runs, else 503."""
+    state = request.app.state.server
+    if state.loop.fatal is not None:
+        raise APIError(503, "the engine has stopped", code="engine_dead")
+    return Response(status_code=200)

@@ -185,7 +185,7 @@ def load_trainserve(args: argparse.Namespace, path: Path):
     from peft import get_peft_model
     from trainserve.kernels.nf4 import quantize_linear_nf4_
 
-    from trainserve.fast_llama import get_fast_model_class
+    from trainserve.models import get_fast_model_class
 
     kw = {"quantization_config": bnb_config(args)} if args.quant == "bnb" else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(

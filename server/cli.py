@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-lora-rank", type=positive_int, default=64, help="largest adapter rank accepted")
     p.add_argument("--max-loras", type=positive_int, default=4, help="adapters in one batch (engine LoRA slots)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.5,
-                   help="share of the accelerator's memory the engine may use")
+                   help="share of the device's memory the engine may reserve (vLLM's --gpu-memory-utilization)")
     p.add_argument("--max-model-len", type=positive_int, help="context length (default: min(2048, the model's))")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: the checkpoint's)")

@@ -24,6 +24,7 @@ ROUTES = frozenset(
         "/metrics",
         "/tokenize",
         "/detokenize",
+        "/tokenizer_info",
         "/version",
         "/ping",
         "/docs",

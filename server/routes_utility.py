@@ -1,4 +1,5 @@
-"""vLLM's utility routes: ``POST /tokenize``, ``POST /detokenize``, ``GET /version``, ``GET|POST /ping``.
+"""vLLM's utility routes: ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``,
+``GET /version``, ``GET|POST /ping``.
 
 Same request and response shapes as ``vllm serve`` (so tools that count tokens or probe a vLLM
 server work unchanged); behind the API key like every other route. Tokenising runs in a worker
@@ -68,6 +69,38 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
         )
     text = await asyncio.to_thread(state.tokenizer.decode, body.tokens)
     return {"prompt": text}
+
+
+def _jsonable(value: Any) -> Any:
+    """vLLM's conversion of a tokenizer's ``init_kwargs`` (``AddedToken`` → its text), and ``str``
+    for anything else JSON cannot hold, so an unusual tokenizer cannot turn the answer into a 500."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> Any:
+    """vLLM's ``/tokenizer_info`` (its tokenizer_config.json equivalent). Fields naming files or
+    directories (``*_file``, ``name_or_path``) are left out: clients never see server paths."""
+    tokenizer = request.app.state.server.tokenizer
+    config = {
+        key: _jsonable(value)
+        for key, value in dict(getattr(tokenizer, "init_kwargs", None) or {}).items()
+        if not key.endswith(("_file", "_path", "name_or_path"))
+    }
+    # the transformers class, not the caching subclass vLLM / the engine wrap it in
+    cls = next((c for c in type(tokenizer).__mro__ if c.__module__.startswith("transformers.")), type(tokenizer))
+    config["tokenizer_class"] = cls.__name__
+    if getattr(tokenizer, "chat_template", None):
+        config["chat_template"] = tokenizer.chat_template
+    return config
 
 
 @router.get("/version")

@@ -3,7 +3,7 @@
 Every field a request may carry is either honoured (with vLLM's semantics for vLLM's extras) or
 rejected with a 400 naming it — never accepted and ignored: a field this server does not know is
 refused as OpenAI does ("Unrecognized request argument supplied"), and the OpenAI/vLLM features it
-cannot honour (tools, structured output, ...) are refused unless their value means
+cannot honour (tools, beam search, ...) are refused unless their value means
 "not used". An explicit ``null`` means the field's default, as in OpenAI and vLLM. Strings that are
 not valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON allows) are a 400.
 """

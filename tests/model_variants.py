@@ -1,7 +1,8 @@
-"""Checkpoint variants of the tiny model for loader tests: a Llama, and Qwen2 with edited configs.
+"""Checkpoint variants of the tiny model for loader tests: a Llama, a Qwen3, and Qwen2 with edited configs.
 
 The tiny Qwen2's weights minus the q/k/v biases are a valid Llama checkpoint (same layout), so the
-Llama path runs on a real engine without a download.
+Llama path runs on a real engine without a download; with per-head q/k RMSNorm weights added they
+are a Qwen3 checkpoint.
 """
 
 from __future__ import annotations
@@ -48,5 +49,41 @@ def tiny_qwen2_with(out: str | Path, **config: Any) -> str:
     out = Path(out)
     cfg = _copy_tiny(out, skip=("config.json",))
     cfg.update(config)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def tiny_qwen3(out: str | Path, **config: Any) -> str:
+    """The tiny model as a ``Qwen3ForCausalLM`` checkpoint in ``out``: no q/k/v biases, and random
+    ``q_norm``/``k_norm`` weights around 1 (seeded), so that the per-head norms change the output.
+    ``config``: entries replaced in its config.json."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from trainserve import tiny_model
+
+    out = Path(out)
+    cfg = _copy_tiny(out, skip=("config.json", "model.safetensors"))
+    tensors = {k: v for k, v in load_file(str(Path(tiny_model()) / "model.safetensors")).items()
+               if not k.endswith(".bias")}
+    g = torch.Generator().manual_seed(11)
+    for i in range(cfg["num_hidden_layers"]):
+        for norm in ("q_norm", "k_norm"):
+            tensors[f"model.layers.{i}.self_attn.{norm}.weight"] = 1.0 + 0.3 * torch.randn(cfg["head_dim"], generator=g)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False)
+    cfg.update(config)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def tiny_mistral(out: str | Path, sliding_window: int | None = None) -> str:
+    """The tiny Llama checkpoint as a ``MistralForCausalLM`` in ``out`` (same layout), with ``sliding_window``."""
+    out = Path(out)
+    tiny_llama(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=sliding_window)
+    for key in ("attention_bias", "mlp_bias"):
+        cfg.pop(key, None)
     (out / "config.json").write_text(json.dumps(cfg))
     return str(out)

@@ -183,7 +183,7 @@ def test_mixed_sliding_window_layers_are_refused_before_the_engine_starts(no_eng
 
 @pytest.mark.engine
 def test_a_load_failing_after_the_engine_started_shuts_it_down(no_engine, monkeypatch):
-    from trainserve.fast_qwen2 import FastQwen2Model
+    from trainserve.models.qwen2 import FastQwen2Model
 
     def boom(cls, model, use_gradient_checkpointing="unsloth"):
         raise RuntimeError("patching failed")

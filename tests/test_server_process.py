@@ -30,6 +30,7 @@ ROUTES = [
     ("GET", "/metrics"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
+    ("GET", "/tokenizer_info"),
     ("GET", "/version"),
     ("GET", "/ping"),
     ("POST", "/ping"),

@@ -3,6 +3,8 @@ retrieve (``/v1/models/{id}``) and FastAPI's ``/docs`` + ``/openapi.json`` on a 
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from server_support import PROMPTS, shared_server
@@ -81,6 +83,15 @@ def test_bad_tokenize_requests(http, path, body, status, param):
     r = http.post(path, json=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_tokenizer_info(http, tokenizer):
+    info = http.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] == type(tokenizer).__name__
+    assert info["chat_template"] == tokenizer.chat_template
+    assert info.get("eos_token") == tokenizer.eos_token
+    assert not any(k.endswith(("_file", "name_or_path")) for k in info)  # no server paths
+    assert "/" + "root" not in json.dumps(info) and "/tmp/" not in json.dumps(info)
 
 
 def test_version_and_ping(http):

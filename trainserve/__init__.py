@@ -12,9 +12,10 @@ apply_env_defaults()
 from trainserve.loader import FastLanguageModel  # noqa: E402
 from trainserve.tiny import tiny_model  # noqa: E402
 
-__all__ = ["FastLanguageModel", "FastLlamaModel", "FastQwen2Model", "GRPOTrainer",
-           "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
+__all__ = ["FastLanguageModel", "FastLlamaModel", "FastMistralModel", "FastQwen2Model", "FastQwen3Model",
+           "GRPOTrainer", "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
 __version__ = "0.1.0"
+_ARCHITECTURE_CLASSES = ("FastLlamaModel", "FastMistralModel", "FastQwen2Model", "FastQwen3Model")
 
 
 def shutdown_engine() -> None:
@@ -34,7 +35,7 @@ def __getattr__(name: str):
         from trainserve.rl.trainer import GRPOTrainer
 
         return GRPOTrainer
-    if name in ("FastLlamaModel", "FastQwen2Model"):  # lazy: they import the training kernels
+    if name in _ARCHITECTURE_CLASSES:  # lazy: they import the training kernels
         from trainserve import fast_models
 
         return getattr(fast_models, name)

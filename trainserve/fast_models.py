@@ -1,21 +1,22 @@
-"""``FastLlamaModel`` / ``FastQwen2Model`` with Unsloth's per-architecture ``from_pretrained``.
+"""``FastLlamaModel`` / ``FastMistralModel`` / ``FastQwen2Model`` / ``FastQwen3Model``: Unsloth's
+per-architecture ``from_pretrained``.
 
 Unsloth lets a script load through the architecture's class (``FastQwen2Model.from_pretrained``,
 seed 000) instead of ``FastLanguageModel``. These classes are the patch classes of
-:mod:`trainserve.fast_llama` / :mod:`trainserve.fast_qwen2` plus that entry point: the same load as
+:mod:`trainserve.models` (``models.llama``, ``models.qwen2``, ...) plus that entry point: the same load as
 ``FastLanguageModel.from_pretrained`` (engine, shared weights, every argument check), with the
 class's defaults (``max_seq_length=4096``) and a refusal, before anything is loaded, of a
-checkpoint of another architecture. They live here, not in the patch modules, so that the patch
-modules never import the loader (which imports them).
+checkpoint of another architecture. They live here, not in :mod:`trainserve.models`, so that the
+patch modules never import the loader (which imports them).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from trainserve import fast_llama, fast_qwen2
 from trainserve.hf_kwargs import HfOptions, resolve_model_path
 from trainserve.loader import FastLanguageModel
+from trainserve.models import llama, mistral, qwen2, qwen3
 from trainserve.reload import saved_adapter_base
 
 
@@ -42,7 +43,7 @@ def _load(cls: type, model_name: str, kwargs: dict[str, Any]) -> tuple[Any, Any]
     return FastLanguageModel.from_pretrained(model_name, **kwargs)
 
 
-class FastLlamaModel(fast_llama.FastLlamaModel):
+class FastLlamaModel(llama.FastLlamaModel):
     """Llama: the patch class plus ``from_pretrained`` / ``get_peft_model`` (Unsloth's ``FastLlamaModel``)."""
 
     get_peft_model = staticmethod(FastLanguageModel.get_peft_model)
@@ -58,10 +59,10 @@ class FastLlamaModel(fast_llama.FastLlamaModel):
                                            **kwargs))
 
 
-class FastQwen2Model(fast_qwen2.FastQwen2Model):
+class FastQwen2Model(qwen2.FastQwen2Model):
     """Qwen2: the patch class plus ``from_pretrained`` / ``get_peft_model`` (seed 000).
 
-    ``rope_scaling`` is refused for Qwen2 (see :class:`trainserve.fast_qwen2.FastQwen2Model`)."""
+    ``rope_scaling`` is refused for Qwen2 (see :class:`trainserve.models.qwen2.FastQwen2Model`)."""
 
     get_peft_model = staticmethod(FastLanguageModel.get_peft_model)
     for_training = staticmethod(FastLanguageModel.for_training)
@@ -80,4 +81,36 @@ class FastQwen2Model(fast_qwen2.FastQwen2Model):
                                            **kwargs))
 
 
-__all__ = ["FastLlamaModel", "FastQwen2Model"]
+class FastQwen3Model(qwen3.FastQwen3Model):
+    """Qwen3: the patch class plus ``from_pretrained`` / ``get_peft_model`` (Unsloth's ``FastQwen3Model``)."""
+
+    get_peft_model = staticmethod(FastLanguageModel.get_peft_model)
+    for_training = staticmethod(FastLanguageModel.for_training)
+    for_inference = staticmethod(FastLanguageModel.for_inference)
+
+    @classmethod
+    def from_pretrained(cls, model_name: str = "Qwen/Qwen3-8B", max_seq_length: int = 4096,
+                        dtype: Any = None, load_in_4bit: bool | None = None, **kwargs: Any) -> tuple[Any, Any]:
+        """``FastLanguageModel.from_pretrained`` for a Qwen3 checkpoint (or a LoRA saved on one); a
+        checkpoint of another ``model_type`` is refused before anything loads."""
+        return _load(cls, model_name, dict(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+                                           **kwargs))
+
+
+class FastMistralModel(mistral.FastMistralModel):
+    """Mistral: the patch class plus ``from_pretrained`` / ``get_peft_model`` (Unsloth's ``FastMistralModel``)."""
+
+    get_peft_model = staticmethod(FastLanguageModel.get_peft_model)
+    for_training = staticmethod(FastLanguageModel.for_training)
+    for_inference = staticmethod(FastLanguageModel.for_inference)
+
+    @classmethod
+    def from_pretrained(cls, model_name: str = "unsloth/mistral-7b-v0.3-bnb-4bit", max_seq_length: int = 4096,
+                        dtype: Any = None, load_in_4bit: bool | None = None, **kwargs: Any) -> tuple[Any, Any]:
+        """``FastLanguageModel.from_pretrained`` for a Mistral checkpoint (or a LoRA saved on one); a
+        checkpoint of another ``model_type`` is refused before anything loads."""
+        return _load(cls, model_name, dict(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+                                           **kwargs))
+
+
+__all__ = ["FastLlamaModel", "FastMistralModel", "FastQwen2Model", "FastQwen3Model"]

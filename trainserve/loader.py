@@ -13,8 +13,9 @@ import torch
 
 from trainserve import model_api
 from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry, unsupported_targets_message
-from trainserve.checkpointing import normalize_gc_mode
 from trainserve.hf_kwargs import pop_hf_kwargs, resolve_model_path
+from trainserve.models import get_fast_model_class
+from trainserve.models.checkpointing import normalize_gc_mode
 from trainserve.precision import check_model_dims, resolve_precision
 from trainserve.reload import load_saved_adapter, saved_adapter_base
 from trainserve.rope_config import apply_rope_parameters, check_supported, normalize_rope_scaling
@@ -22,7 +23,8 @@ from trainserve.rope_config import apply_rope_parameters, check_supported, norma
 logger = logging.getLogger("trainserve")
 
 # model_type → transformers architecture served by the shared-weight engine path
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "mistral": "MistralForCausalLM"}
 
 # Seed arguments this release accepts only at their default value.
 _DEFAULT_ONLY = {
@@ -37,12 +39,6 @@ _ACCEPTED_VALUES: dict[str, tuple[Any, ...]] = {
 }
 # device_map values meaning "the one default device" ({"": device} is accelerate's spelling).
 _SINGLE_DEVICE_MAPS = ("sequential", "auto", "balanced", None, "cpu", "cuda", "cuda:0", 0)
-
-
-def _fast_model_class(model_type: str) -> Any:
-    from trainserve.fast_llama import get_fast_model_class
-
-    return get_fast_model_class(model_type)
 
 
 def _reject_unsupported(kwargs: dict[str, Any]) -> None:
@@ -158,7 +154,7 @@ class FastLanguageModel:
         if model_type not in ARCHITECTURES:
             raise NotImplementedError(
                 f"model_type {model_type!r} is not supported (supported: {sorted(ARCHITECTURES)})")
-        fast_cls = _fast_model_class(model_type)
+        fast_cls = get_fast_model_class(model_type)
         # Everything that can be refused is refused here, before an engine starts.
         fast_cls.validate_config(config, rope_scaling=rope_scaling)
         rope_parameters = None
@@ -357,7 +353,7 @@ def _setup_gradient_checkpointing(peft_model: Any, mode: Any) -> None:
     if mode not in (True, False, "unsloth"):
         raise ValueError(f"use_gradient_checkpointing must be True, False or 'unsloth', got {mode!r}")
     base = peft_model.get_base_model()
-    _fast_model_class(base.config.model_type).patch_model(base, use_gradient_checkpointing=mode)
+    get_fast_model_class(base.config.model_type).patch_model(base, use_gradient_checkpointing=mode)
 
 
 def _load_colocated(model_name: str, config: Any, dtype: torch.dtype, max_seq_length: int, max_lora_rank: int,

@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 from trainserve.kernels.nf4 import dequantize_nf4, quantize_linear_nf4_  # noqa: E402
 
 import trainserve  # noqa: E402
-from trainserve.fast_qwen2 import FastQwen2Model  # noqa: E402
+from trainserve.models.qwen2 import FastQwen2Model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEV = "cuda"

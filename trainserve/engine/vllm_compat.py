@@ -41,6 +41,8 @@ def _fail(what: str) -> VLLMInternalsChanged:
 _ENGINE_CLASSES = {
     "Qwen2ForCausalLM": "vllm.model_executor.models.qwen2:Qwen2ForCausalLM",
     "LlamaForCausalLM": "vllm.model_executor.models.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "vllm.model_executor.models.qwen3:Qwen3ForCausalLM",
+    "MistralForCausalLM": "vllm.model_executor.models.mistral:MistralForCausalLM",
 }
 
 

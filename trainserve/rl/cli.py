@@ -208,7 +208,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--plain-text", action="store_true", help="plain-text prompts instead of chat messages")
     p.add_argument("--max-seq-length", type=positive_int, default=256, help="engine context length")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.3,
-                   help="share of the accelerator's memory the engine may use")
+                   help="share of the device's memory the engine may reserve (vLLM's --gpu-memory-utilization)")
     p.add_argument("--no-plot", action="store_true", help="skip reward.png")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logging")
     p.set_defaults(func=_main, check=_check)

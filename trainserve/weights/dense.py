@@ -33,7 +33,8 @@ def rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
 
 
 def engine_views(engine_model: nn.Module, config, linears: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(transformers parameter name, view of the engine tensor)`` for a Llama-family model.
+    """``(transformers parameter name, view of the engine tensor)`` for a Llama-family model
+    (Llama, Qwen2, Qwen3: also the attention's ``q_norm``/``k_norm`` when the engine has them).
 
     With ``linears=False`` the q/k/v/o/gate/up/down weights and biases are left out (4-bit
     engines: :mod:`trainserve.weights` installs their packed views).
@@ -50,6 +51,10 @@ def engine_views(engine_model: nn.Module, config, linears: bool = True) -> Itera
         prefix = f"model.layers.{i}."
         yield f"{prefix}input_layernorm.weight", layer.input_layernorm.weight
         yield f"{prefix}post_attention_layernorm.weight", layer.post_attention_layernorm.weight
+        for norm in ("q_norm", "k_norm"):  # Qwen3's per-head RMSNorm on q and k
+            module = getattr(layer.self_attn, norm, None)
+            if module is not None:
+                yield f"{prefix}self_attn.{norm}.weight", module.weight
         if not linears:
             continue
         qkv = unwrap_lora_layer(layer.self_attn.qkv_proj)

@@ -1,10 +1,8 @@
-"""The patched Llama/Qwen2 training path: named forwards installed on one model instance.
+"""The patched training forwards shared by every architecture (Llama layout), as named functions.
 
-``FastLlamaModel.patch_model(model)`` replaces, on that instance only, the ``forward`` of the
-causal-LM head, the decoder stack, each decoder layer, attention, MLP, RMSNorm and the rotary
-embedding with the functions below (``types.MethodType``; the classes are never touched, and
-``unpatch_model`` removes them again). The fast path runs when the model forward starts it: it
-passes an :class:`~trainserve.fast_attention.AttnSpec` down as the attention mask; a layer called
+:class:`trainserve.models.base.FastBaseModel` installs them per instance (``types.MethodType``; the
+transformers classes are never touched). The fast path runs when the model forward starts it: it
+passes an :class:`~trainserve.models.attention.AttnSpec` down as the attention mask; a layer called
 any other way (generation with a KV cache, ``output_attentions``...) runs transformers' own
 forward. Projections go through the fused LoRA kernels when :func:`get_lora_parameters` allows
 (peft ``LoraLayer``s are recognised at call time, so patching before ``get_peft_model`` works);
@@ -16,7 +14,7 @@ With ``labels`` the head computes the loss with the chunked fused linear cross-e
 come back as usual (``logits_to_keep`` honoured).
 
 Checkpointing (``use_gradient_checkpointing``): ``"unsloth"`` checkpoints each decoder layer and
-parks its input in pinned host memory (:mod:`trainserve.checkpointing`), ``True`` is plain
+parks its input in pinned host memory (:mod:`trainserve.models.checkpointing`), ``True`` is plain
 per-layer checkpointing, ``False`` none - then the MLP recomputes its gate|up activation in its
 own backward instead of saving it (``TRAINSERVE_MLP_RECOMPUTE=0`` keeps it; ``=1`` forces it).
 """
@@ -31,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainserve.checkpointing import checkpoint_layer, normalize_gc_mode
-from trainserve.fast_attention import AttnSpec, attention, build_attn_spec
 from trainserve.kernels.fused_linear_ce import causal_lm_shift_labels, fused_linear_cross_entropy
 from trainserve.kernels.lora_fused import get_lora_parameters, lora_mlp, lora_projections
 from trainserve.kernels.rms_norm import rms_norm
 from trainserve.kernels.rope import apply_rope
+from trainserve.models.attention import AttnSpec, attention, build_attn_spec
+from trainserve.models.checkpointing import checkpoint_layer
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 _FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -48,6 +46,7 @@ def _original(self: nn.Module) -> Any:
 
 
 def fast_rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' RMSNorm through the fused kernel (same fp32 statistics)."""
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
@@ -62,7 +61,7 @@ def fast_rotary_forward(self: nn.Module, x: torch.Tensor, position_ids: torch.Te
     return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
 
 
-def _mlp_recompute_default(mode: Any) -> bool:
+def mlp_recompute_default(mode: Any) -> bool:
     """Without layer checkpointing the MLP recomputes its gate|up activation in the backward
     (saves ~(2*intermediate) values per token per layer for one extra GEMM);
     ``TRAINSERVE_MLP_RECOMPUTE=0/1`` overrides."""
@@ -75,6 +74,7 @@ def _mlp_recompute_default(mode: Any) -> bool:
 
 
 def fast_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP through the fused LoRA MLP kernel when all three projections allow it."""
     act = getattr(getattr(self, "config", None), "hidden_act", "silu")
     if act in ("silu", "swish"):
         ps = [get_lora_parameters(self.gate_proj), get_lora_parameters(self.up_proj),
@@ -93,6 +93,9 @@ def fast_attention_forward(
     past_key_values: Any = None,
     **kwargs: Any,
 ):
+    """q/k/v (fused LoRA projections when allowed), per-head q/k RMSNorm when the module has
+    ``q_norm``/``k_norm`` (Qwen3: normalised before RoPE, as transformers and vLLM do), RoPE,
+    trainserve's attention, o_proj."""
     if not isinstance(attention_mask, AttnSpec) or past_key_values is not None:
         return _original(self)(
             hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
@@ -103,11 +106,18 @@ def fast_attention_forward(
     projs = (self.q_proj, self.k_proj, self.v_proj)
     ps = [get_lora_parameters(m) for m in projs]
     cos, sin = position_embeddings
-    if all(p is not None for p in ps):
-        q, k, v = lora_projections(hidden_states, ps, rope=(cos, sin, dim))  # rope applied inside
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    qk_norm = q_norm is not None and k_norm is not None
+    if all(p is not None for p in ps):  # without q/k norms the rope is applied inside
+        q, k, v = lora_projections(hidden_states, ps, rope=None if qk_norm else (cos, sin, dim))
         q, k, v = q.view(bsz, seq, -1, dim), k.view(bsz, seq, -1, dim), v.view(bsz, seq, -1, dim)
+        rotated = not qk_norm
     else:
         q, k, v = (m(hidden_states).view(bsz, seq, -1, dim) for m in projs)
+        rotated = False
+    if qk_norm:  # cloned: the CUDA RoPE rotates in place, and the RMSNorm kernel returns a view
+        q, k = q_norm(q).clone(), k_norm(k).clone()
+    if not rotated:
         q, k = apply_rope(q, k, cos, sin)
     dropout = self.attention_dropout if self.training else 0.0
     out = attention(q, k, v, attention_mask, self.scaling, dropout)
@@ -142,6 +152,18 @@ def fast_decoder_layer_forward(
     h = self.post_attention_layernorm(h)
     h = self.mlp(h)
     return residual + h
+
+
+def layer_kinds(config: Any) -> list[str]:
+    """The attention kind of each decoder layer, as transformers decides it: ``config.layer_types``
+    (Qwen2, Qwen3); without it, every layer is ``"sliding_attention"`` when the config has a
+    ``sliding_window`` (Mistral: ``MistralModel`` builds a sliding-window mask for all layers), else
+    ``"full_attention"`` (Llama)."""
+    n = config.num_hidden_layers
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    return ["sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"] * n
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, spec: AttnSpec, pos_emb: tuple, position_ids: Any):
@@ -184,7 +206,7 @@ def fast_model_forward(
         position_ids = torch.arange(seq, device=hidden.device)[None]
     flash_kwargs = {k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None}
     config = self.config
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    layer_types = layer_kinds(config)
     specs: dict[str, AttnSpec] = {}
     for lt in set(layer_types):
         window = getattr(config, "sliding_window", None) if lt == "sliding_attention" else None
@@ -264,7 +286,9 @@ def fast_causal_lm_forward(
     return out if return_dict else out.to_tuple()
 
 
-_ROLE_FORWARDS = {
+
+
+ROLE_FORWARDS: dict[str, Any] = {
     "causal_lm": fast_causal_lm_forward,
     "model": fast_model_forward,
     "decoder_layer": fast_decoder_layer_forward,
@@ -273,106 +297,4 @@ _ROLE_FORWARDS = {
     "rms_norm": fast_rms_norm_forward,
     "rotary": fast_rotary_forward,
 }
-_OUR_FUNCS = set(_ROLE_FORWARDS.values())
-
-
-def _is_ours(module: nn.Module) -> bool:
-    fwd = module.__dict__.get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ in _OUR_FUNCS
-
-
-def _base_causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal-LM module inside a peft wrapper (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
-class FastLlamaModel:
-    """Patch class for Llama; :class:`trainserve.fast_qwen2.FastQwen2Model` reuses its forwards."""
-
-    model_type = "llama"
-    _module = "transformers.models.llama.modeling_llama"
-    _prefix = "Llama"
-    _pre_patched = False
-
-    @classmethod
-    def module_classes(cls) -> dict[str, type]:
-        """role -> transformers class for this architecture."""
-        import importlib
-
-        mod = importlib.import_module(cls._module)
-        names = {
-            "causal_lm": "ForCausalLM", "model": "Model", "decoder_layer": "DecoderLayer",
-            "attention": "Attention", "mlp": "MLP", "rms_norm": "RMSNorm", "rotary": "RotaryEmbedding",
-        }
-        return {role: getattr(mod, cls._prefix + suffix) for role, suffix in names.items()}
-
-    @classmethod
-    def pre_patch(cls) -> None:
-        """Resolve the transformers classes and import the kernels (idempotent, nothing global
-        is modified: the forwards are installed per instance by :meth:`patch_model`)."""
-        if cls.__dict__.get("_pre_patched"):
-            return
-        classes = cls.module_classes()
-        for role in ("causal_lm", "model", "decoder_layer", "attention", "mlp", "rms_norm", "rotary"):
-            if not hasattr(classes[role], "forward"):
-                name = classes[role].__name__
-                raise RuntimeError(f"{name} has no forward; unsupported transformers version")
-        cls._pre_patched = True
-
-    @classmethod
-    def validate_config(cls, config: Any, rope_scaling: Any = None) -> None:
-        """Llama accepts any RoPE type (dynamic ones run transformers' rotary forward)."""
-        mt = getattr(config, "model_type", cls.model_type)
-        if mt != cls.model_type:
-            raise ValueError(f"{cls.__name__} patches model_type {cls.model_type!r}, got {mt!r}")
-
-    @classmethod
-    def patch_model(cls, model: nn.Module, use_gradient_checkpointing: Any = "unsloth") -> nn.Module:
-        """Install the fast forwards on this instance (idempotent); returns ``model``."""
-        cls.pre_patch()
-        causal = _base_causal_lm(model)
-        cls.validate_config(causal.config)
-        mode = normalize_gc_mode(use_gradient_checkpointing)
-        classes = cls.module_classes()
-        for module in causal.modules():
-            for role, klass in classes.items():
-                if type(module) is klass:
-                    if "forward" in module.__dict__ and not _is_ours(module):
-                        break  # someone else's instance forward (e.g. accelerate hooks): leave it
-                    module.forward = types.MethodType(_ROLE_FORWARDS[role], module)
-                    break
-        causal.model._trainserve_gc = mode
-        recompute = _mlp_recompute_default(mode)
-        for layer in causal.model.layers:
-            layer.mlp._trainserve_recompute = recompute
-        causal._trainserve_patched = cls.__name__
-        return model
-
-    @classmethod
-    def unpatch_model(cls, model: nn.Module) -> nn.Module:
-        """Remove every forward :meth:`patch_model` installed; returns ``model``."""
-        causal = _base_causal_lm(model)
-        for module in causal.modules():
-            if _is_ours(module):
-                del module.__dict__["forward"]
-            if "_trainserve_recompute" in module.__dict__:
-                del module.__dict__["_trainserve_recompute"]
-        for obj, attr in ((causal.model, "_trainserve_gc"), (causal, "_trainserve_patched")):
-            if attr in obj.__dict__:
-                delattr(obj, attr)
-        return model
-
-
-def get_fast_model_class(model_type: str) -> type:
-    """``FastQwen2Model`` for "qwen2", ``FastLlamaModel`` for "llama"."""
-    if model_type == "llama":
-        return FastLlamaModel
-    if model_type == "qwen2":
-        from trainserve.fast_qwen2 import FastQwen2Model
-
-        return FastQwen2Model
-    raise NotImplementedError(
-        f"no fast training path for model_type {model_type!r} (supported: llama, qwen2)"
-    )
+"""role (see :meth:`trainserve.models.base.FastBaseModel.module_classes`) -> the forward installed."""

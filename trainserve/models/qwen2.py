@@ -1,4 +1,4 @@
-"""Qwen2: the Llama fast path plus Qwen2's rules (no RoPE scaling; sliding-window layers).
+"""Qwen2: the shared fast path plus Qwen2's rules (no RoPE scaling; sliding-window layers).
 
 Qwen2's attention differs from Llama's only by q/k/v biases (handled by the fused projections)
 and per-layer sliding windows (``config.layer_types``; the model forward builds a windowed mask
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainserve.fast_llama import FastLlamaModel, get_fast_model_class
+from trainserve.models.base import FastBaseModel
 
-__all__ = ["FastQwen2Model", "get_fast_model_class"]
+__all__ = ["FastQwen2Model"]
 
 
-def _rope_type(rope: Any) -> str | None:
+def rope_type(rope: Any) -> str | None:
+    """The RoPE type named by a ``rope_scaling`` / ``rope_parameters`` value (None for none)."""
     if rope is None:
         return None
     if isinstance(rope, dict):
@@ -23,7 +24,7 @@ def _rope_type(rope: Any) -> str | None:
     return str(rope)
 
 
-class FastQwen2Model(FastLlamaModel):
+class FastQwen2Model(FastBaseModel):
     """Patch class for Qwen2 (``Qwen2ForCausalLM``)."""
 
     model_type = "qwen2"
@@ -41,7 +42,7 @@ class FastQwen2Model(FastLlamaModel):
                 "load Qwen2 models without rope_scaling"
             )
         for attr in ("rope_scaling", "rope_parameters"):
-            rt = _rope_type(getattr(config, attr, None))
+            rt = rope_type(getattr(config, attr, None))
             if rt not in (None, "default"):
                 raise ValueError(
                     f"Qwen2 does not support RoPE scaling: config.{attr} has rope_type {rt!r}; "

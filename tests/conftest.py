@@ -35,3 +35,18 @@ def tiny_path() -> str:
     from trainserve import tiny_model
 
     return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def server(request):
+    """The suite's shared ``trainserve serve`` process (see ``server_support.shared_server``)."""
+    from server_support import shared_server
+
+    return shared_server(request.config)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An HTTP client for :func:`server`."""
+    with server.client() as c:
+        yield c

@@ -10,20 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from server_support import PROMPTS, VERSION, bad_adapter, complete, make_adapter, shared_server, wait_for
+from server_support import PROMPTS, VERSION, bad_adapter, complete, make_adapter, wait_for
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    return shared_server(request.config)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

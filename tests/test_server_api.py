@@ -6,25 +6,14 @@ import json
 
 import openai
 import pytest
-from server_support import PROMPTS, VERSION, complete, shared_server
+from server_support import PROMPTS, VERSION, complete
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def server(request):
-    return shared_server(request.config)
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return server.openai(timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
 
 
 def test_models_lists_base_and_adapters(client, server):

@@ -9,18 +9,13 @@ import time
 import httpx
 import openai
 import pytest
-from server_support import PROMPTS, complete, make_adapter, shared_server, wait_for
+from server_support import PROMPTS, complete, make_adapter, wait_for
 
 pytestmark = pytest.mark.engine
 
 CLIENTS = 32
 RELOADS = 10
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    return shared_server(request.config)
 
 
 def _content(label: str) -> str:

@@ -7,20 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from server_support import PROMPTS, SHARED_MAX_REQUEST_BYTES, complete, shared_server
+from server_support import PROMPTS, SHARED_MAX_REQUEST_BYTES, complete
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    return shared_server(request.config)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

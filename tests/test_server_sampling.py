@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server_support import PROMPTS, shared_server
+from server_support import PROMPTS
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    return shared_server(request.config)
 
 
 @pytest.fixture(scope="module")

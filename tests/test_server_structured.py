@@ -9,16 +9,11 @@ import re
 
 import openai
 import pytest
-from server_support import PROMPTS, shared_server
+from server_support import PROMPTS
 
 pytestmark = pytest.mark.engine
 
 COLORS = {"type": "string", "enum": ["red", "green", "blue"]}
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    return shared_server(request.config)
 
 
 @pytest.fixture(scope="module")

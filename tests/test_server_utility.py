@@ -7,20 +7,9 @@ import json
 
 import openai
 import pytest
-from server_support import PROMPTS, shared_server
+from server_support import PROMPTS
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    return shared_server(request.config)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

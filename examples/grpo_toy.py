@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""GRPO on the tiny model with rollouts from the colocated engine (a few minutes on a laptop CPU).
+"""GRPO on the tiny model with rollouts from the colocated engine (under a minute on a quiet 2-core CPU:
+~20 s start-up, ~0.3 s per step; several times longer on a busy one; see docs/grpo.md).
 
 The task: mention the word "blue" in the answer, exactly once. Two programmatic rewards score
 each completion; ``trainserve.rl.GRPOTrainer`` samples every rollout
@@ -18,7 +19,11 @@ import argparse
 import os
 import re
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from trainserve.logs import configure_logging
+
+# Before vLLM is imported: hide vLLM's INFO lines and TRL/transformers start-up warnings
+# (TRAINSERVE_LOG_LEVEL=info shows them).
+configure_logging()
 
 
 def main() -> None:
@@ -29,6 +34,9 @@ def main() -> None:
     parser.add_argument("--serve-port", type=int, default=None)
     args = parser.parse_args()
 
+    print("loading torch, TRL and vLLM, then starting the engine on the tiny model (~20 s on a 2-core CPU)",
+          flush=True)
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig
 
     from trainserve import FastLanguageModel, tiny_model
@@ -61,6 +69,8 @@ def main() -> None:
         model=model, reward_funcs=[says_blue, just_once], args=config,
         train_dataset=toy_dataset(256), processing_class=tokenizer,
         callbacks=[MetricsLogger(args.out), RewardProgressBar()])
+    # disable_tqdm=True makes transformers print every step's log dict; RewardProgressBar replaces both.
+    trainer.remove_callback(PrinterCallback)
 
     server = model.serve(port=args.serve_port) if args.serve_port else None
     if server is not None:
@@ -72,7 +82,8 @@ def main() -> None:
             server.stop()
 
     model.save_lora(os.path.join(args.out, "adapter"))
-    png = plot_rewards(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "reward.png"))
+    png = plot_rewards(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "reward.png"),
+                       reward_range=(0.0, 2.0))  # says_blue + just_once, each in [0, 1]
     print(f"reward plot: {png}")
     from trainserve import SamplingParams
 

@@ -23,6 +23,7 @@ from trainserve.server.generation import (
 )
 from trainserve.server.sampling import chat_prompt, completion_prompts, resolve_max_tokens, sampling_params
 from trainserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from trainserve.server.tools import ToolPlan, plan
 
 VERSION_HEADER = "x-trainserve-adapter-version"
 router = APIRouter()
@@ -52,8 +53,10 @@ class _Run:
         logprobs: int | None,
         echo: EchoPlan | None = None,
         with_prompt_logprobs: bool = False,
+        tools: ToolPlan | None = None,
     ):
         self.state, self.body, self.chat, self.group = state, body, chat, group
+        self.tools = tools
         self.echo = echo
         self.with_prompt_logprobs = with_prompt_logprobs
         self.prompt_lps: dict[int, Any] = {}  # prompt index → the engine's prompt logprobs
@@ -144,11 +147,14 @@ class _Run:
             c = self.choices[index]
             text = "".join(c.text)
             if self.chat:
+                message, finish = {"role": "assistant", "content": text}, c.finish_reason
+                if self.tools is not None:
+                    message, finish = self.tools.message(text, finish)
                 item = {
                     "index": index,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": {"content": c.logprobs or []} if self.logprobs is not None else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": finish,
                 }
             else:
                 item = {
@@ -169,11 +175,15 @@ class _Run:
             body["prompt_token_ids"] = self.prompts[0]
         return body
 
-    def chunk(self, index: int, text: str, lp: Any, finish: str | None, ids: list[int]) -> dict[str, Any]:
+    def chunk(self, index: int, text: str, lp: Any, finish: str | None, ids: list[int]) -> dict[str, Any] | None:
         choice = self.choices[index]
         first = not choice.started
         if self.chat:
             delta: dict[str, Any] = {"content": text}
+            if self.tools is not None:
+                delta, finish = self.tools.delta(index, text, ids, finish)
+                if not delta and finish is None and lp is None and not first:
+                    return None  # nothing to send yet (a tool call still being parsed)
             if not choice.started:
                 delta["role"] = "assistant"
             item = {
@@ -211,12 +221,13 @@ async def _generate(
     logprobs: int | None,
     echo: EchoPlan | None = None,
     prompt_logprobs: int | None = None,
+    tools: ToolPlan | None = None,
 ) -> Any:
     state = request.app.state.server
     params = sampling_params(body, max_tokens, logprobs, prompt_logprobs)
     group = RequestGroup(state, body.model)
     await group.submit(prompts, params)
-    run = _Run(state, body, chat, group, prompts, logprobs, echo, prompt_logprobs is not None)
+    run = _Run(state, body, chat, group, prompts, logprobs, echo, prompt_logprobs is not None, tools)
     headers = {VERSION_HEADER: group.label}
     if not body.stream:
         try:
@@ -240,7 +251,9 @@ async def _stream(run: _Run) -> Any:
     try:
         async for prompt_index, output in group.events():
             for index, text, lp, finish, ids in run.absorb(prompt_index, output):
-                yield json.dumps(run.chunk(index, text, lp, finish, ids), separators=(",", ":"))
+                chunk = run.chunk(index, text, lp, finish, ids)
+                if chunk is not None:
+                    yield json.dumps(chunk, separators=(",", ":"))
         options = run.body.stream_options
         if options is not None and options.include_usage:
             yield json.dumps(
@@ -286,6 +299,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = request.app.state.server
     state.models.require(body.model)
+    tools = plan(body, state.tokenizer)
+    if tools is not None:
+        body = tools.adjust(body)
     prompt = await asyncio.to_thread(
         chat_prompt,
         body,
@@ -293,6 +309,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         state.max_model_len,
         state.max_prompt_chars,
         state.config.trust_request_chat_template,
+        tools.tools if tools is not None else None,
     )
     requested, param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
@@ -301,4 +318,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _generate(request, body, True, [prompt], max_tokens, logprobs)
+    return await _generate(request, body, True, [prompt], max_tokens, logprobs, tools=tools)

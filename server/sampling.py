@@ -119,10 +119,16 @@ def completion_prompts(
 
 
 def chat_prompt(
-    req: ChatCompletionRequest, tokenizer: Any, max_model_len: int, max_chars: int, trust_template: bool
+    req: ChatCompletionRequest,
+    tokenizer: Any,
+    max_model_len: int,
+    max_chars: int,
+    trust_template: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Render the messages with the chat template and tokenise them. A template from the request is
-    refused unless ``trust_template``, and then rendered in a limited sandbox process."""
+    refused unless ``trust_template``, and then rendered in a limited sandbox process. ``tools`` are
+    passed to the template; one that renders the same prompt without them is a 400."""
     template, template_param = chat_template.requested_template(req)
     if template is not None and not trust_template:
         raise chat_template.refuse_untrusted(template_param or "chat_template")
@@ -138,11 +144,12 @@ def chat_prompt(
         raise _too_many_chars(chars, max_model_len, max_chars, "messages")
     kwargs = dict(req.chat_template_kwargs or {})
     kwargs.pop("chat_template", None)
-    for reserved in ("tokenize", "add_generation_prompt", "continue_final_message", "conversation", "messages"):
+    reserved_kwargs = ("tokenize", "add_generation_prompt", "continue_final_message", "conversation", "messages")
+    for reserved in (*reserved_kwargs, "tools"):
         if reserved in kwargs:  # would be overridden or break the call: say so instead of ignoring it
             raise bad_request(
                 f"chat_template_kwargs.{reserved} is not accepted"
-                + (f"; use the request's {reserved} field" if "_" in reserved else ""),
+                + (f"; use the request's {reserved} field" if "_" in reserved or reserved == "tools" else ""),
                 param=f"chat_template_kwargs.{reserved}",
                 code="unsupported_parameter",
             )
@@ -151,6 +158,33 @@ def chat_prompt(
             "continue_final_message needs add_generation_prompt=false and a final assistant message",
             param="continue_final_message",
         )
+    text = _render(req, tokenizer, template, template_param, messages, kwargs, max_chars, tools)
+    if tools and text == _render(req, tokenizer, template, template_param, messages, kwargs, max_chars, None):
+        raise bad_request(
+            "this model's chat template does not support tools (it renders the same prompt without them)",
+            param="tools",
+            code="unsupported_parameter",
+        )
+    text = _bound_text(text, req, max_model_len, max_chars, "messages")
+    ids = truncate(list(tokenizer.encode(text, add_special_tokens=req.add_special_tokens)), req, max_model_len)
+    if not ids:
+        raise bad_request("the rendered chat prompt is empty", param="messages")
+    return ids
+
+
+def _render(
+    req: ChatCompletionRequest,
+    tokenizer: Any,
+    template: str | None,
+    template_param: str | None,
+    messages: list[dict[str, Any]],
+    kwargs: dict[str, Any],
+    max_chars: int,
+    tools: list[dict[str, Any]] | None,
+) -> str:
+    """The chat template's text (a request's template in the sandbox process, the model's here)."""
+    if tools:
+        kwargs = {**kwargs, "tools": tools}
     if template is not None:
         job = {
             "template": template,
@@ -160,23 +194,17 @@ def chat_prompt(
             "continue_final_message": req.continue_final_message,
             "max_chars": max(max_chars, 1) * 4,
         }
-        text = chat_template.renderer().render(job, template_param or "chat_template")
-    else:
-        try:
-            text = tokenizer.apply_chat_template(
-                messages,
-                tokenize=False,
-                add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message,
-                **kwargs,
-            )
-        except Exception as exc:  # a template that rejects these messages (jinja raise_exception, ...)
-            raise bad_request(f"the chat template failed on these messages: {exc}", param="messages") from exc
-    text = _bound_text(text, req, max_model_len, max_chars, "messages")
-    ids = truncate(list(tokenizer.encode(text, add_special_tokens=req.add_special_tokens)), req, max_model_len)
-    if not ids:
-        raise bad_request("the rendered chat prompt is empty", param="messages")
-    return ids
+        return chat_template.renderer().render(job, template_param or "chat_template")
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            **kwargs,
+        )
+    except Exception as exc:  # a template that rejects these messages (jinja raise_exception, ...)
+        raise bad_request(f"the chat template failed on these messages: {exc}", param="messages") from exc
 
 
 def resolve_max_tokens(

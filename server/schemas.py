@@ -3,7 +3,7 @@
 Every field a request may carry is either honoured (with vLLM's semantics for vLLM's extras) or
 rejected with a 400 naming it — never accepted and ignored: a field this server does not know is
 refused as OpenAI does ("Unrecognized request argument supplied"), and the OpenAI/vLLM features it
-cannot honour (tools, beam search, ...) are refused unless their value means
+cannot honour (beam search, ...) are refused unless their value means
 "not used". An explicit ``null`` means the field's default, as in OpenAI and vLLM. Strings that are
 not valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON allows) are a 400.
 """
@@ -328,6 +328,9 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False  # vLLM: the chat template already holds the special tokens
     chat_template: str | None = None  # only with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # see tools.py (completions refuse them)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one tool call
 
     @model_validator(mode="before")
     @classmethod

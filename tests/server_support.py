@@ -93,11 +93,12 @@ def start_server(
     adapters_dir: Path | None = None,
     api_key: str | None = None,
     timeout: float = 240.0,
+    model: str | None = None,
 ) -> ServerProcess:
-    """Start ``python -m trainserve.cli serve <tiny> ... --port 0`` and wait for /health."""
+    """Start ``python -m trainserve.cli serve <model, default the tiny one> ... --port 0`` and wait for /health."""
     from trainserve import tiny_model
 
-    model = tiny_model()
+    model = model or tiny_model()
     log_dir = Path(tempfile.mkdtemp(prefix="trainserve-server-log-"))
     log_path = log_dir / "server.log"
     args = [

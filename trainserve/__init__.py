@@ -9,9 +9,6 @@ from trainserve._env import apply_env_defaults
 
 apply_env_defaults()
 
-from trainserve.loader import FastLanguageModel  # noqa: E402
-from trainserve.tiny import tiny_model  # noqa: E402
-
 __all__ = ["FastLanguageModel", "FastLlamaModel", "FastMistralModel", "FastQwen2Model", "FastQwen3Model",
            "GRPOTrainer", "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
 __version__ = "0.1.0"
@@ -26,6 +23,16 @@ def shutdown_engine() -> None:
 
 
 def __getattr__(name: str):
+    # torch and the loader are imported on first use, so the ``trainserve`` command can say what it
+    # is doing (and answer --help) before they load.
+    if name == "FastLanguageModel":
+        from trainserve.loader import FastLanguageModel
+
+        return FastLanguageModel
+    if name == "tiny_model":
+        from trainserve.tiny import tiny_model
+
+        return tiny_model
     # vLLM is imported lazily: it is slow to import and not needed for fast_inference=False.
     if name == "SamplingParams":
         from vllm import SamplingParams

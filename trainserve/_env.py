@@ -23,6 +23,9 @@ def apply_env_defaults() -> None:
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    from trainserve.logs import apply_env_log_level
+
+    apply_env_log_level()  # only when TRAINSERVE_LOG_LEVEL is set (see trainserve.logs)
 
 
 def require_inprocess_engine() -> None:

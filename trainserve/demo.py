@@ -41,10 +41,13 @@ def _batch(tokenizer: Any, pairs: list[tuple[str, str]]) -> tuple[Any, Any, Any]
 
 def run_demo(model_path: str | None, steps: int, every: int, lr: float, seed: int, quiet_engine: bool) -> dict:
     """Run the demo and return the measured numbers (also printed)."""
-    import os
+    import sys
 
-    if quiet_engine:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from trainserve.logs import configure_logging
+
+    configure_logging(None if quiet_engine else True)  # quiet unless --verbose / TRAINSERVE_LOG_LEVEL=info
+    print("trainserve demo: loading torch and vLLM, then starting the engine on "
+          f"{model_path or 'the embedded tiny Qwen2'} (~20 s on a 2-core CPU)", file=sys.stderr, flush=True)
     import torch
     from tqdm.auto import tqdm
 
@@ -142,5 +145,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--every", type=positive_int, default=5, help="print the engine's answers every N steps")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate")
     p.add_argument("--seed", type=int, default=3407, help="random seed of the adapter's initial weights")
-    p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logging")
+    p.add_argument("--verbose", action="store_true",
+                   help="show vLLM's INFO logging and start-up warnings, hidden by default "
+                   "(also: TRAINSERVE_LOG_LEVEL=info)")
     p.set_defaults(func=_main)

@@ -149,6 +149,10 @@ def start_engine(spec: EngineSpec) -> Engine:
     )
     if spec.token is not None:
         kwargs["hf_token"] = spec.token
+    from trainserve.logs import quiet
+
+    if quiet():  # trainserve.logs.configure_logging(verbose=False): no checkpoint-loading bar
+        kwargs["use_tqdm_on_load"] = False
     if spec.quantization:
         if spec.quantization.startswith("trainserve_"):
             from trainserve.engine.quant_method import register

@@ -33,6 +33,11 @@ def _start_server(model: Any, host: str, port: int) -> Any:
             "--serve-port.") from exc
 
 
+def _say(message: str) -> None:
+    """A progress line on stderr, at once (the heavy imports that follow take seconds)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _summary(metrics: list[dict[str, Any]], first_step: int, seconds: float) -> dict[str, Any]:
     ran = [r for r in metrics if r["step"] > first_step]
     rewards = [r["reward_mean"] for r in metrics if "reward_mean" in r]
@@ -100,12 +105,16 @@ def run_grpo(
                            "continue that run or choose another --out")
     if resume and last is None:
         warnings.warn(f"--resume: no checkpoint in {out}, starting from step 0", UserWarning, stacklevel=2)
+    t_load = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the one-time "no CUDA, loading 16-bit" notice
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_path or tiny_model(), max_seq_length=max_seq_length, load_in_4bit=True, fast_inference=True,
             gpu_memory_utilization=gpu_memory_utilization, max_lora_rank=lora_rank)
     model = FastLanguageModel.get_peft_model(model, r=lora_rank, lora_alpha=2 * lora_rank, random_state=seed)
+    if progress:
+        _say(f"model and engine ready (loaded in {time.perf_counter() - t_load:.1f} s); training {steps} steps "
+             f"({batch_size // num_generations} prompts x {num_generations} completions each)")
     config = toy_config(
         out, steps=steps, seed=seed, learning_rate=lr, num_generations=num_generations,
         per_device_train_batch_size=batch_size, max_completion_length=max_completion_length,
@@ -140,7 +149,8 @@ def run_grpo(
                    samples=[completion_text(c) for c in list(trainer._logs["completion"])[-3:]])
     if plot:
         title = f"GRPO toy task: mention '{target_word}', exactly once"
-        summary["plot"] = plot_rewards(metrics_path, os.path.join(out, PLOT_FILE), title=title)
+        summary["plot"] = plot_rewards(metrics_path, os.path.join(out, PLOT_FILE), title=title,
+                                       reward_range=(0.0, 2.0))  # target_word + once, each in [0, 1]
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -210,7 +220,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.3,
                    help="share of the device's memory the engine may reserve (vLLM's --gpu-memory-utilization)")
     p.add_argument("--no-plot", action="store_true", help="skip reward.png")
-    p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logging")
+    p.add_argument("--verbose", action="store_true",
+                   help="show vLLM's INFO logging and TRL/transformers start-up warnings, hidden by default "
+                   "(also: TRAINSERVE_LOG_LEVEL=info)")
     p.set_defaults(func=_main, check=_check)
 
 
@@ -225,12 +237,16 @@ def _at_least_two(text: str) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from trainserve.logs import configure_logging
+
+    configure_logging(True if args.verbose else None)  # quiet unless --verbose / TRAINSERVE_LOG_LEVEL=info
     problem = _check(args)  # also when called without trainserve.cli.main
     if problem:
         print(f"trainserve grpo: error: {problem}", file=sys.stderr)
         return 2
+    what = f"the model in {args.model}" if args.model else "the embedded tiny Qwen2 (built once into the cache)"
+    _say(f"trainserve grpo: loading torch, TRL and vLLM, then starting the engine on {what} "
+         "(~20 s on a 2-core CPU)")
     try:
         summary = run_grpo(
             args.out, model_path=args.model, steps=args.steps, seed=args.seed, lr=args.lr,

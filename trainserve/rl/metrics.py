@@ -96,28 +96,54 @@ class RewardProgressBar(TrainerCallback):
                             dynamic_ncols=True)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.bar is not None:
+        # A step that is logged advances the bar in on_log, with that step's reward (one render per step).
+        if self.bar is not None and not control.should_log:
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
-        if self.bar is not None and logs and "reward" in logs:
+        if self.bar is None:
+            return
+        if logs and "reward" in logs:
             self.bar.set_postfix(reward=f"{logs['reward']:.3f}",
                                  tok_s=f"{logs.get('rollout/tokens_per_s', 0.0):.0f}",
                                  swap_ms=f"{logs.get('rollout/adapter_swap_ms', 0.0):.2f}", refresh=False)
+        if state.global_step > self.bar.n:
+            self.bar.update(state.global_step - self.bar.n)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.bar is None:
+            return
+        bar, self.bar = self.bar, None
+        if bar.total and bar.n >= bar.total and not bar.disable:
+            # Finished: the last render already shows it. tqdm's close() would render the bar once more
+            # (with the overall rate), a second final bar in logs and pipes.
+            if bar.last_print_n < bar.n:  # the last update came too soon after the one before to be drawn
+                bar.refresh()
+            bar.fp.write("\n")
+            bar.fp.flush()
+            bar.disable = True
+        bar.close()
 
 
-def plot_rewards(metrics_path: str, out_path: str, title: str = "GRPO reward") -> str:
-    """Plot reward mean (± std, moving average) and per-function means per step; return ``out_path``."""
+# Colours: the reward mean and its band, its moving average, then one per reward function in the
+# order of their sorted names (the same function keeps its colour between plots of one task).
+_MEAN_COLOUR, _SMOOTH_COLOUR = "C0", "C1"
+_FUNCTION_COLOURS = ("C2", "C3", "C4", "C5", "C6", "C8", "C9", "C7")
+
+
+def plot_rewards(metrics_path: str, out_path: str, title: str = "GRPO reward",
+                 reward_range: tuple[float, float] | None = None) -> str:
+    """Plot reward mean (± std, moving average) and per-function means per step; return ``out_path``.
+
+    The ± std band is clipped at ``reward_range`` (the lowest and highest reward a completion can get);
+    without it, at 0 from below when no mean is negative.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(metrics_path)
     if not records:
@@ -125,20 +151,27 @@ def plot_rewards(metrics_path: str, out_path: str, title: str = "GRPO reward") -
     steps = [r["step"] for r in records]
     mean = [r.get("reward_mean", float("nan")) for r in records]
     std = [r.get("reward_std", 0.0) for r in records]
+    if reward_range is not None:
+        low, high = reward_range
+    else:
+        low = 0.0 if all(not m < 0 for m in mean) else float("-inf")
+        high = float("inf")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                    [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15, label="reward ± std")
-    ax.plot(steps, mean, lw=1.0, alpha=0.6, label="reward (mean)")
+    ax.fill_between(steps, [max(low, m - s) for m, s in zip(mean, std, strict=True)],
+                    [min(high, m + s) for m, s in zip(mean, std, strict=True)], color=_MEAN_COLOUR,
+                    alpha=0.15, label="reward ± std")
+    ax.plot(steps, mean, lw=1.0, alpha=0.6, color=_MEAN_COLOUR, label="reward (mean)")
     window = max(1, len(records) // 10)
     if window > 1:
         smooth = [sum(mean[max(0, i - window + 1):i + 1]) / len(mean[max(0, i - window + 1):i + 1])
                   for i in range(len(mean))]
-        ax.plot(steps, smooth, lw=2.2, label=f"reward ({window}-step average)")
+        ax.plot(steps, smooth, lw=2.2, color=_SMOOTH_COLOUR, label=f"reward ({window}-step average)")
     names = sorted({name for r in records for name in r.get("rewards", {})})
     if len(names) > 1:
-        for name in names:
+        for i, name in enumerate(names):
             ax.plot(steps, [r.get("rewards", {}).get(name, float("nan")) for r in records], lw=1.0, ls="--",
-                    label=name)
+                    color=_FUNCTION_COLOURS[i % len(_FUNCTION_COLOURS)], label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.set_title(title)

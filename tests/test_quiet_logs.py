@@ -1,0 +1,150 @@
+"""Quiet logs by default (``trainserve.logs``), the GRPO progress bar and plot, docs that run as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_LINE = re.compile(r"\b(INFO|WARNING|DEBUG) \d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "TRAINSERVE_LOG_LEVEL")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.engine
+def test_grpo_command_is_quiet_by_default(tmp_path):
+    cmd = [str(ROOT / ".venv/bin/trainserve"), "grpo", "--steps", "1", "--batch-size", "8", "--save-every", "0",
+           "--no-plot", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "starting the engine" in proc.stderr.splitlines()[0]  # says what it does before the slow imports
+    assert "supports vLLM" not in log
+    assert "parallel_mode" not in log
+    assert len(VLLM_LINE.findall(log)) <= 1, log
+    assert "Loading safetensors checkpoint shards" not in log
+    assert len(re.findall(r"1/1 \[", log)) == 1, log  # the final bar is rendered once
+    assert "{'loss'" not in log and "'reward'" not in log  # no raw transformers log dicts
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["steps"] == 1
+
+
+_PROBE = """
+import sys, trainserve.rl.cli as c
+def fake_run(*a, **k):
+    import trl.generation  # TRL warns about the vLLM version here
+    import os
+    print("VLLM_LOGGING_LEVEL=" + os.environ["VLLM_LOGGING_LEVEL"])  # vLLM reads it when the engine starts
+    return {}
+c.run_grpo = fake_run
+from trainserve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_verbose_flag_brings_the_messages_back(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _PROBE, "grpo", "--out", str(tmp_path), "--verbose"],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "supports vLLM" in log and "VLLM_LOGGING_LEVEL=INFO" in log, log
+
+
+@pytest.mark.parametrize("level, vllm_level, quiet", [("info", "INFO", "False"), ("debug", "DEBUG", "False"),
+                                                       ("warning", "ERROR", "True")])
+def test_trainserve_log_level_applies_at_import(level, vllm_level, quiet):
+    code = "import os, trainserve, trainserve.logs as l; print(os.environ['VLLM_LOGGING_LEVEL'], l._quiet)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(TRAINSERVE_LOG_LEVEL=level), check=True).stdout.split()
+    assert out == [vllm_level, quiet]
+
+
+def test_importing_trainserve_leaves_logging_alone():
+    code = ("import os, warnings, trainserve, trainserve.logs as l; "
+            "print(l._quiet, os.environ.get('VLLM_LOGGING_LEVEL'), "
+            "any('TRL currently' in str(f[1] and f[1].pattern) for f in warnings.filters), "
+            "'torch' in __import__('sys').modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
+                         check=True).stdout.split()
+    # and torch is not imported yet: the command's first line comes before the slow imports
+    assert out == ["None", "None", "False", "False"]
+
+
+def test_progress_bar_renders_each_step_once_with_its_reward(capsys):
+    from trainserve.rl.metrics import RewardProgressBar
+
+    bar = RewardProgressBar()
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=3, global_step=0)
+    control = SimpleNamespace(should_log=True)
+    bar.on_train_begin(None, state, control)
+    bar.bar.mininterval = 0  # draw every update (steps here take microseconds)
+    for step, reward in ((1, 0.25), (2, 0.5), (3, 0.75)):
+        state.global_step = step
+        bar.on_step_end(None, state, control)
+        bar.on_log(None, state, control, logs={"reward": reward, "rollout/tokens_per_s": 100.0})
+    bar.on_train_end(None, state, control)
+    err = capsys.readouterr().err
+    assert len(re.findall(r"3/3 \[", err)) == 1, err
+    for step, reward in ((1, "0.250"), (2, "0.500"), (3, "0.750")):
+        assert re.search(rf"{step}/3 \[[^\r]*reward={reward}", err), err
+
+
+def test_progress_bar_draws_the_final_state_even_after_a_fast_last_step(capsys):
+    from trainserve.rl.metrics import RewardProgressBar
+
+    bar = RewardProgressBar()
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=2, global_step=0)
+    control = SimpleNamespace(should_log=True)
+    bar.on_train_begin(None, state, control)
+    for step in (1, 2):
+        state.global_step = step
+        bar.on_log(None, state, control, logs={"reward": 0.5})
+    bar.on_train_end(None, state, control)
+    err = capsys.readouterr().err
+    assert len(re.findall(r"2/2 \[", err)) == 1 and err.endswith("\n"), err
+
+
+def test_reward_plot_clips_band_integer_ticks_stable_colours(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from trainserve.rl.metrics import plot_rewards
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+
+    def plot(names):
+        path = tmp_path / "m.jsonl"
+        path.write_text("".join(json.dumps({"step": s, "reward_mean": 0.2 * s, "reward_std": 0.9,
+                                            "rewards": {n: 0.1 * s for n in names}}) + "\n" for s in (1, 2, 3)))
+        plot_rewards(str(path), str(tmp_path / "r.png"), reward_range=(0.0, 1.0))
+        ax = figs[-1].axes[0]
+        return ax, {line.get_label(): line.get_color() for line in ax.get_lines()}
+
+    ax, colours = plot(["once", "target_word"])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() >= 0.0 and band.max() <= 1.0
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert colours["once"] != colours["target_word"]
+    assert plot(["once", "target_word"])[1] == colours
+
+
+@pytest.mark.engine
+def test_grpo_doc_sample_runs_as_written(tmp_path):
+    text = (ROOT / "docs/grpo.md").read_text()
+    code = re.search(r"```python\n(from trainserve.logs import configure_logging.*?)```", text, re.S).group(1)
+    assert "dataset = " in code and "tiny_model()" in code and "max_steps=60" in code
+    code = code.replace("max_steps=60", "max_steps=1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "supports vLLM" not in proc.stderr  # configure_logging() in the sample

@@ -43,12 +43,16 @@ def _load(cls: type, model_name: str, kwargs: dict[str, Any]) -> tuple[Any, Any]
     return FastLanguageModel.from_pretrained(model_name, **kwargs)
 
 
-class FastLlamaModel(llama.FastLlamaModel):
-    """Llama: the patch class plus ``from_pretrained`` / ``get_peft_model`` (Unsloth's ``FastLlamaModel``)."""
+class _EntryPoints:
+    """What every architecture class shares with ``FastLanguageModel`` besides ``from_pretrained``."""
 
     get_peft_model = staticmethod(FastLanguageModel.get_peft_model)
     for_training = staticmethod(FastLanguageModel.for_training)
     for_inference = staticmethod(FastLanguageModel.for_inference)
+
+
+class FastLlamaModel(_EntryPoints, llama.FastLlamaModel):
+    """Llama: the patch class plus ``from_pretrained`` / ``get_peft_model`` (Unsloth's ``FastLlamaModel``)."""
 
     @classmethod
     def from_pretrained(cls, model_name: str = "unsloth/llama-3-8b-bnb-4bit", max_seq_length: int = 4096,
@@ -59,14 +63,10 @@ class FastLlamaModel(llama.FastLlamaModel):
                                            **kwargs))
 
 
-class FastQwen2Model(qwen2.FastQwen2Model):
+class FastQwen2Model(_EntryPoints, qwen2.FastQwen2Model):
     """Qwen2: the patch class plus ``from_pretrained`` / ``get_peft_model`` (seed 000).
 
     ``rope_scaling`` is refused for Qwen2 (see :class:`trainserve.models.qwen2.FastQwen2Model`)."""
-
-    get_peft_model = staticmethod(FastLanguageModel.get_peft_model)
-    for_training = staticmethod(FastLanguageModel.for_training)
-    for_inference = staticmethod(FastLanguageModel.for_inference)
 
     @classmethod
     def from_pretrained(cls, model_name: str = "Qwen/Qwen2-7B", max_seq_length: int = 4096, dtype: Any = None,
@@ -81,12 +81,8 @@ class FastQwen2Model(qwen2.FastQwen2Model):
                                            **kwargs))
 
 
-class FastQwen3Model(qwen3.FastQwen3Model):
+class FastQwen3Model(_EntryPoints, qwen3.FastQwen3Model):
     """Qwen3: the patch class plus ``from_pretrained`` / ``get_peft_model`` (Unsloth's ``FastQwen3Model``)."""
-
-    get_peft_model = staticmethod(FastLanguageModel.get_peft_model)
-    for_training = staticmethod(FastLanguageModel.for_training)
-    for_inference = staticmethod(FastLanguageModel.for_inference)
 
     @classmethod
     def from_pretrained(cls, model_name: str = "Qwen/Qwen3-8B", max_seq_length: int = 4096,
@@ -97,12 +93,8 @@ class FastQwen3Model(qwen3.FastQwen3Model):
                                            **kwargs))
 
 
-class FastMistralModel(mistral.FastMistralModel):
+class FastMistralModel(_EntryPoints, mistral.FastMistralModel):
     """Mistral: the patch class plus ``from_pretrained`` / ``get_peft_model`` (Unsloth's ``FastMistralModel``)."""
-
-    get_peft_model = staticmethod(FastLanguageModel.get_peft_model)
-    for_training = staticmethod(FastLanguageModel.for_training)
-    for_inference = staticmethod(FastLanguageModel.for_inference)
 
     @classmethod
     def from_pretrained(cls, model_name: str = "unsloth/mistral-7b-v0.3-bnb-4bit", max_seq_length: int = 4096,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """GRPO on the tiny model with rollouts from the colocated engine (under a minute on a quiet 2-core CPU:
-~20 s start-up, ~0.3 s per step; several times longer on a busy one; see docs/grpo.md).
+~20 s start-up, ~0.3 s per step; ~8 min measured on a busy one; see docs/grpo.md).
 
 The task: mention the word "blue" in the answer, exactly once. Two programmatic rewards score
 each completion; ``trainserve.rl.GRPOTrainer`` samples every rollout

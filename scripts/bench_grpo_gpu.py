@@ -73,12 +73,20 @@ NOTES = [
     "the same work: trainserve cannot apply it (it leaves use_vllm off), Unsloth's GRPOConfig defaults it off, "
     "TRL's defaults it on, which costs one more logprob forward per step (--is-correction default measures that). "
     "The resolved GRPOConfig fields of each arm are in its trainer_args.",
+    "*_overlap arms (--overlap): the same trainserve arm with GRPOTrainer(overlap=True), one-step-off: the engine "
+    "generates the next batch on its own thread and CUDA stream while this one trains; TRL's IS correction is on "
+    "(token_truncate) for them. Their rollout time is what the trainer waited in the generation hook (its batch "
+    "plus submitting the next); the engine's own generation time per batch is logged as rollout/seconds.",
 ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"any of {', '.join(ARMS)}")
+    ap.add_argument("--arms", nargs="+", default=[a for a in ARMS if not ARMS[a].get("overlap")],
+                    help=f"any of {', '.join(ARMS)}")
+    ap.add_argument("--overlap", action="store_true",
+                    help="run each trainserve arm of --arms as its one-step-off variant <arm>_overlap "
+                         "(GRPOTrainer(overlap=True); recorded under that name)")
     ap.add_argument("--shape", choices=SHAPES, default="1.5b", help="tiny = trainserve.tiny_model() (CPU smoke)")
     ap.add_argument("--model-dir", help="random-weight checkpoint (default /tmp/bench_models/<shape>)")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps in all, warm-up included")
@@ -118,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         ap.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    if args.overlap:
+        args.arms = [f"{a}_overlap" if f"{a}_overlap" in ARMS else a for a in args.arms]
     if not 0 <= args.warmup < args.steps:
         ap.error("--warmup must be >= 0 and less than --steps")
     return args

@@ -43,6 +43,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "trl_colocate": {"kind": "trl", "load": {}},
     "unsloth": {"kind": "unsloth", "load": {"load_in_4bit": True}},
 }
+# One-step-off training (issue 15): each trainserve arm again with GRPOTrainer(overlap=True), which needs
+# TRL's importance-sampling correction (on, token_truncate, for these arms whatever --is-correction says).
+# Separate names, so on-policy and overlapped runs sit side by side in one results table.
+ARMS.update({f"{name}_overlap": {**spec, "overlap": True} for name, spec in list(ARMS.items())
+             if spec["kind"] == "trainserve"})
 # Each framework's own recommended checkpointing (recorded with the results).
 GRADIENT_CHECKPOINTING = {"trainserve": "unsloth", "trl": True, "unsloth": "unsloth"}
 WORDS = ("the sky is blue and the old bridge crosses the river where a small robot writes a map of stars "
@@ -89,8 +94,9 @@ def length_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     return [min(len(t.split()), 64) / 64 for t in texts]
 
 
-def grpo_config(s: dict[str, Any], kind: str, cuda: bool, out_dir: str) -> Any:
-    """The ``GRPOConfig``: identical for every arm except the engine and checkpointing fields.
+def grpo_config(s: dict[str, Any], kind: str, cuda: bool, out_dir: str, overlap: bool = False) -> Any:
+    """The ``GRPOConfig``: identical for every arm except the engine and checkpointing fields (and the
+    importance-sampling correction, which the overlapped trainserve arms need).
 
     ``trl.GRPOConfig`` is looked up at call time: in the Unsloth arm it is Unsloth's patched class."""
     import trl
@@ -119,6 +125,8 @@ def grpo_config(s: dict[str, Any], kind: str, cuda: bool, out_dir: str) -> Any:
     # Unsloth turns use_vllm on itself for a fast_inference model (as its GRPO notebooks rely on).
     if s["is_correction"] == "off":  # trainserve ignores it (use_vllm stays off); recorded alike
         kw["vllm_importance_sampling_correction"] = False
+    if overlap:  # one step stale by design: the correction is part of the method (one more logprob forward)
+        kw.update(vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_truncate")
     return trl.GRPOConfig(**kw)
 
 
@@ -167,10 +175,13 @@ def build(arm: str, s: dict[str, Any], cuda: bool, dataset: Any, info: dict[str,
         model = FastLanguageModel.get_peft_model(model, **_lora(s), random_state=s["seed"],
                                                  use_gradient_checkpointing=GRADIENT_CHECKPOINTING[kind])
         tok = _checked_tokenizer(tok, path, prompt, info)
-        args = grpo_config(s, kind, cuda, out_dir)
+        overlap = bool(spec.get("overlap"))
+        info["overlap"] = overlap
+        args = grpo_config(s, kind, cuda, out_dir, overlap=overlap)
         t = time.perf_counter()
         trainer = trainserve.GRPOTrainer(model=model, reward_funcs=[length_reward], args=args,
-                                         train_dataset=dataset, processing_class=tok)
+                                         train_dataset=dataset, processing_class=tok,
+                                         **({"overlap": True} if overlap else {}))
     elif kind == "trl":
         import torch
         import trl
@@ -361,7 +372,10 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
             if logs and "reward" in logs:
                 res.setdefault("logged", []).append(
                     {k: logs.get(k) for k in ("reward", "completions/mean_length", "rollout/adapter_swap_ms",
-                                              "loss", "grad_norm", "step_time")} | {"step": state.global_step})
+                                              "loss", "grad_norm", "step_time", "rollout/seconds",
+                                              "rollout/wait_seconds", "rollout/staleness",
+                                              "sampling/importance_sampling_ratio/mean")}
+                    | {"step": state.global_step})
                 log(arm, f"step {state.global_step}: reward {logs['reward']:.4f}, "
                          f"mean completion {logs.get('completions/mean_length')}")
 

@@ -6,6 +6,7 @@ decode tokens M, the median time of ``y = x W^T`` through:
 
 * ``bf16`` — cuBLAS on the 16-bit weight (what the 16-bit engine runs);
 * ``int4`` / ``int8`` — vLLM's Marlin kernel on trainserve's layout (``vllm_compat.MarlinRunner``);
+* ``int4_machete`` — the same 4-bit format through vLLM's Hopper Machete kernel (``vllm_compat.MacheteRunner``);
 * ``nf4_bnb`` — ``bitsandbytes.matmul_4bit`` as vLLM's bitsandbytes method calls it;
 * ``fp8`` — dynamic per-token FP8 activations × per-channel FP8 weights (vLLM's ``cutlass_scaled_mm``);
 
@@ -26,7 +27,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-ARMS = ("bf16", "int4", "int8", "nf4_bnb", "fp8")
+ARMS = ("bf16", "int4", "int4_machete", "int8", "nf4_bnb", "fp8")
 
 
 def _layers(shape: str) -> dict[str, tuple[int, int]]:
@@ -77,6 +78,18 @@ def _arms(w, want: set[str]):
         dense = dequantize_marlin(t, fmt, torch.bfloat16).t()
         out[name] = ((lambda x, r=runner, t=t, z=zeros: r(x, t.qweight, t.scales, z, None)),
                      (lambda t=t, f=fmt: dequantize_marlin(t, f, torch.bfloat16)), dense)
+    if "int4_machete" in want:
+        from trainserve.kernels.machete_dequant import MacheteTensors, dequantize_machete
+        from trainserve.kernels.machete_layout import quantize_for_machete
+
+        from trainserve.engine.vllm_compat import MacheteRunner, machete_layout
+
+        runner = MacheteRunner(torch.bfloat16)
+        words, scales, zf = quantize_for_machete(w, 64, torch.bfloat16)
+        t = MacheteTensors(runner.prepack(words), scales, zf, machete_layout(runner, w.device), 64)
+        out["int4_machete"] = ((lambda x, r=runner, t=t: r(x, t.qweight, t.scales, t.zf, 64, None)),
+                               (lambda t=t: dequantize_machete(t, 0, t.n, torch.bfloat16)),
+                               dequantize_machete(t, 0, t.n, torch.bfloat16).t())
     if "nf4_bnb" in want:
         try:
             import bitsandbytes as bnb

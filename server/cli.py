@@ -8,12 +8,15 @@ import sys
 from typing import Any
 
 logger = logging.getLogger("trainserve.server")
+_LEVELS = ("debug", "info", "warning", "error")
 
 HELP = """Serve MODEL (a Qwen2/Llama checkpoint directory or hub id) and LoRA adapters over the OpenAI HTTP
 API, for the official openai client, lm-eval, LangChain and other OpenAI/vLLM clients: completions
-and chat completions (streamed or not), the models list, adapter loading and unloading at runtime,
-hot reload of --adapters-dir, /tokenize, /health and Prometheus /metrics. Each adapter is a model
-name; responses say which adapter version answered. Stops gracefully on SIGTERM/Ctrl-C.
+(with echo/prompt_logprobs for likelihood scoring) and chat completions (streamed or not; JSON
+schemas, tool calls and multi-turn tool conversations), the models list, adapter loading and
+unloading at runtime, hot reload of --adapters-dir, /tokenize, /health and Prometheus /metrics.
+Each adapter is a model name; responses say which adapter version answered. Stops gracefully on
+SIGTERM/Ctrl-C. Quiet by default: --verbose shows vLLM's and uvicorn's start-up lines.
 
 Runtime adapter loading (POST /v1/load_lora_adapter) accepts only paths inside --adapters-dir;
 without an adapters directory it is refused unless --allow-any-adapter-path is given (that lets
@@ -107,18 +110,31 @@ def register(subparsers: Any) -> None:
         help="answer /health, /ping and /metrics without the API key, for load-balancer probes and "
         "Prometheus scrapers (default: off, every route needs the key when --api-key is set)",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="the server's log level")
+    p.add_argument("--log-level", default="info", choices=list(_LEVELS),
+                   help="level of the server's own messages (adapter loads, shutdown); uvicorn's follow it "
+                   "with --verbose, otherwise they show warnings and errors only")
+    p.add_argument("--verbose", action="store_true",
+                   help="show vLLM's INFO lines, uvicorn's start-up lines and library start-up warnings "
+                   "(also: TRAINSERVE_LOG_LEVEL=info)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, serve until SIGTERM/SIGINT, drain; exit 0, or 1 when the drain timed out."""
+    """Load the model, serve until SIGTERM/SIGINT, drain; exit 0, or 1 when the drain timed out.
+
+    Quiet by default, like ``trainserve grpo``: ``configure_logging`` runs before vLLM is imported
+    (vLLM reads its log level once, at import), other libraries' records below WARNING are dropped,
+    and the server's own messages keep ``--log-level``. The first line says what start-up is doing.
+    """
     import os
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s: %(message)s"
-    )
+    from trainserve.logs import configure_logging
+
+    verbose = configure_logging(True if args.verbose else None)  # quiet unless --verbose / TRAINSERVE_LOG_LEVEL
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level if verbose else max(level, logging.WARNING),
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("trainserve").setLevel(level)
     api_key = args.api_key if args.api_key is not None else os.environ.get("TRAINSERVE_API_KEY")
     if api_key is not None and not api_key.strip():
         # `--api-key "$KEY"` with KEY unset: refuse rather than serve without authentication
@@ -135,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    print(f"trainserve serve: loading torch and vLLM, then starting the engine on {args.model}",
+          file=sys.stderr, flush=True)
     from trainserve.server.runner import make_server, url_of
     from trainserve.server.state import ServerConfig, ServerState
     from transformers import AutoConfig
@@ -183,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             f"trainserve: serving {config.served_model_name} at {url_of(args.host, server.port)}", flush=True
         )
 
-    server = make_server(state, args.host, args.port, log_level=args.log_level, on_started=announce)
+    uvicorn_level = args.log_level if verbose else max(args.log_level, "warning", key=_LEVELS.index)
+    server = make_server(state, args.host, args.port, log_level=uvicorn_level, on_started=announce)
     try:
         server.run()
     finally:

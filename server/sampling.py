@@ -16,6 +16,7 @@ from typing import Any
 
 from trainserve.server import chat_template
 from trainserve.server.errors import bad_request, client_error_types, from_engine_error
+from trainserve.server.messages import conversation, without_tool_calls
 from trainserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 MAX_CHOICES = 256  # prompts × n in one request
@@ -128,7 +129,9 @@ def chat_prompt(
 ) -> list[int]:
     """Render the messages with the chat template and tokenise them. A template from the request is
     refused unless ``trust_template``, and then rendered in a limited sandbox process. ``tools`` are
-    passed to the template; one that renders the same prompt without them is a 400."""
+    passed to the template, and earlier tool turns as vLLM passes them (``messages.conversation``); a
+    template that renders the same prompt without the tools, or without the assistants' tool calls,
+    would drop them silently: a 400."""
     template, template_param = chat_template.requested_template(req)
     if template is not None and not trust_template:
         raise chat_template.refuse_untrusted(template_param or "chat_template")
@@ -136,10 +139,7 @@ def chat_prompt(
         raise bad_request(
             "this model's tokenizer has no chat template; use /v1/completions", param="messages"
         )
-    messages = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages
-    ]
-    chars = sum(len(m["content"]) for m in messages)
+    messages, chars = conversation(req.messages)  # earlier tool turns as vLLM renders them
     if chars > max_chars and req.truncate_prompt_tokens is None:  # the template adds, never removes
         raise _too_many_chars(chars, max_model_len, max_chars, "messages")
     kwargs = dict(req.chat_template_kwargs or {})
@@ -163,6 +163,14 @@ def chat_prompt(
         raise bad_request(
             "this model's chat template does not support tools (it renders the same prompt without them)",
             param="tools",
+            code="unsupported_parameter",
+        )
+    plain = without_tool_calls(messages)
+    if plain is not None and text == _render(req, tokenizer, template, template_param, plain, kwargs, max_chars, tools):
+        raise bad_request(
+            "this model's chat template does not render the tool_calls of assistant messages (it renders "
+            "the same prompt without them)",
+            param="messages",
             code="unsupported_parameter",
         )
     text = _bound_text(text, req, max_model_len, max_chars, "messages")

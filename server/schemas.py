@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from trainserve.server.errors import bad_request
+from trainserve.server.messages import check_raw_messages, conversation
 
 TokenId = Annotated[int, Field(ge=0)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -56,6 +57,13 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 _WHY = {
     "suffix": "'suffix' (fill-in-the-middle insertion) is not supported by this server",
     "best_of": "'best_of' is not supported (vLLM removed it); use n, or n with logprobs to rank completions",
+    # OpenAI's deprecated function calling: vLLM's request model ignores both fields (its serving
+    # layer logs them as ignored); mapping only the request would answer in tool_calls, a shape the
+    # legacy clients do not read, so they are refused with the replacement
+    "functions": "'functions' (OpenAI's deprecated function calling) is not supported: send "
+    'tools: [{"type": "function", "function": <each function>}] (chat completions)',
+    "function_call": "'function_call' (OpenAI's deprecated function calling) is not supported: send "
+    'tool_choice: "auto", "none" or {"type": "function", "function": {"name": <name>}} with tools',
 }
 _WHY.update(
     {
@@ -65,9 +73,8 @@ _WHY.update(
     }
 )
 _LOGIT_BIAS_KEY = re.compile(r"^[0-9]{1,10}$")
-# the kinds of content part OpenAI and vLLM accept besides text, by the name used in the error
-_MEDIA_PARTS = {"image_url": "image", "image": "image", "input_image": "image", "input_audio": "audio",
-                "audio_url": "audio", "video_url": "video", "file": "file"}
+MAX_TOOL_CALL_ID = 256  # characters: OpenAI's ids are ~30, vLLM's ~46
+MAX_TOOL_NAME = 256
 
 
 def _bad_unicode(value: Any, path: str) -> str | None:
@@ -275,10 +282,27 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    """An earlier tool call's function: ``arguments`` a JSON string (OpenAI) or an object (vLLM)."""
+
+    name: str = Field(min_length=1, max_length=MAX_TOOL_NAME)
+    arguments: str | dict[str, Any]
+
+
+class ToolCall(_Strict):
+    """One of an assistant message's ``tool_calls`` (see ``messages.conversation`` for the checks)."""
+
+    id: str = Field(min_length=1, max_length=MAX_TOOL_CALL_ID)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = Field(None, max_length=MAX_TOOL_CALL_ID)  # tool messages only
 
     def text(self) -> str:
         if self.content is None:
@@ -289,33 +313,7 @@ class ChatMessage(_Strict):
 
 
 def _check_messages(data: Any) -> Any:
-    """Name what a message holds that this server cannot honour (media parts, tool calls) instead of
-    pydantic's union error ("Input should be a valid string (and 2 more)"); drop empty such fields."""
-    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-        return data
-    messages = []
-    for i, message in enumerate(data["messages"]):
-        if isinstance(message, dict):
-            content = message.get("content")
-            for part in content if isinstance(content, list) else []:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind in _MEDIA_PARTS:
-                    raise bad_request(
-                        f"{_MEDIA_PARTS[kind]} input is not supported by this server",
-                        param=f"messages.{i}.content",
-                        code="unsupported_content",
-                    )
-            extra = [k for k in message if k not in ChatMessage.model_fields]
-            for key in extra:
-                if message[key] not in (None, [], ""):
-                    raise bad_request(
-                        f"messages.{i}.{key} is not supported by this server",
-                        param=f"messages.{i}.{key}",
-                        code="unsupported_parameter",
-                    )
-            message = {k: v for k, v in message.items() if k not in extra}
-        messages.append(message)
-    return {**data, "messages": messages}
+    return check_raw_messages(data, set(ChatMessage.model_fields))
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -336,6 +334,11 @@ class ChatCompletionRequest(SamplingFields):
     @classmethod
     def _unsupported_message_parts(cls, data: Any) -> Any:
         return _check_messages(data)
+
+    @model_validator(mode="after")
+    def _tool_turns(self) -> ChatCompletionRequest:
+        conversation(self.messages)  # earlier tool calls and their answers, checked before anything runs
+        return self
 
 
 class LoadLoraRequest(_Request):

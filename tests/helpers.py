@@ -46,3 +46,31 @@ def hf_tokens(model, tokenizer, prompt: str, n: int = 12) -> list[int]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     return out[0, ids.shape[1]:].tolist()
+
+
+def prompt_logprob_gap(model, tokenizer, text: str) -> float:
+    """Max |engine − trainer| logprob over the prompt tokens of ``text`` (the live adapter on both)."""
+    from vllm import SamplingParams
+
+    ids = tokenizer(text).input_ids
+    out = model.fast_generate([ids], sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    engine = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return max(abs(a - logp[i, t].item()) for i, (a, t) in enumerate(zip(engine, ids[1:], strict=True)))
+
+
+def train_and_check_live(model, tokenizer, prompt: str, target: str, targets: list[str], gap_text: str,
+                         gap: float = 1e-3):
+    """Wrap ``model`` with LoRA on ``targets``, teach it ``prompt`` → ``target``, then check that the
+    engine's greedy tokens learnt it and equal the trainer's, and that logprobs agree within ``gap``."""
+    from trainserve import FastLanguageModel
+
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=targets, random_state=3407)
+    _, loss = sft(model, tokenizer, prompt, target, steps=30)
+    assert loss < 0.2
+    live = engine_tokens(model, prompt)
+    want = tokenizer(target).input_ids
+    assert live[: len(want)] == want and live == hf_tokens(model, tokenizer, prompt)
+    assert prompt_logprob_gap(model, tokenizer, gap_text) < gap
+    return model

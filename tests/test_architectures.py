@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from helpers import engine_tokens, hf_tokens, sft
+from helpers import engine_tokens, hf_tokens, prompt_logprob_gap, sft, train_and_check_live
 from model_variants import tiny_mistral, tiny_qwen3
 from peft import LoraConfig, get_peft_model
 
@@ -172,14 +172,7 @@ def mistral_engine(mistral_path):
 
 def _logprob_gap(model, tokenizer) -> float:
     """Max |engine - trainer| prompt-token logprob over a long prompt."""
-    from vllm import SamplingParams
-
-    ids = tokenizer(LONG).input_ids
-    out = model.fast_generate([ids], sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
-    engine = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    return max(abs(a - logp[i, t].item()) for i, (a, t) in enumerate(zip(engine, ids[1:], strict=True)))
+    return prompt_logprob_gap(model, tokenizer, LONG)
 
 
 @pytest.mark.engine
@@ -256,12 +249,7 @@ def test_mistral_engine_applies_the_window_like_the_trainer(mistral_engine):
     assert len(tok(LONG).input_ids) > 3 * WINDOW
     assert _logprob_gap(model, tok) < 1e-3
     assert engine_tokens(model, PROMPT) == hf_tokens(model, tok, PROMPT)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=TARGETS, random_state=3407)
-    _, loss = sft(model, tok, PROMPT, TARGET, steps=30)
-    assert loss < 0.2
-    live = engine_tokens(model, PROMPT)
-    assert live[: len(tok(TARGET).input_ids)] == tok(TARGET).input_ids and live == hf_tokens(model, tok, PROMPT)
-    assert _logprob_gap(model, tok) < 1e-3
+    train_and_check_live(model, tok, PROMPT, TARGET, TARGETS, LONG)
 
 
 # ------------------------------------------------------------------ RoPE scaling: as Llama, on both sides

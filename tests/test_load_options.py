@@ -165,12 +165,7 @@ def test_full_finetuning_uses_from_pretrained_gradient_checkpointing():
 
 
 # ---------------------------------------------------------------- item 5: failed loads leave no engine
-def test_qwen2_with_yarn_in_its_config_is_refused_before_the_engine_starts(no_engine, tmp_path):
-    path = tiny_qwen2_with(tmp_path / "yarn", rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0})
-    with pytest.raises(ValueError, match="Qwen2 does not support RoPE scaling"):
-        FastLanguageModel.from_pretrained(path, **ENGINE)
-    assert current_engine() is None
+# Qwen2 with YaRN in its config.json loads (trainer = engine): tests/test_rope_yarn.py
 
 
 def test_mixed_sliding_window_layers_are_refused_before_the_engine_starts(no_engine, tmp_path):
@@ -220,12 +215,13 @@ def test_device_map_naming_cuda_is_refused_without_cuda(device_map):
         FastLanguageModel.from_pretrained(tiny_model(), load_in_4bit=False, device_map=device_map)
 
 
-@pytest.mark.parametrize("targets", [["embed_tokens"], ["q_proj", "lm_head"]])
-def test_embedding_and_head_targets_are_called_unsupported(targets):
+def test_embedding_and_head_targets_are_trained_in_full_as_in_unsloth():
+    """``embed_tokens``/``lm_head`` in target_modules become modules_to_save (tests/test_trainable_embeddings.py)."""
     model, _ = FastLanguageModel.from_pretrained(tiny_model(), load_in_4bit=False)
-    with pytest.raises(ValueError, match="not supported") as info:
-        FastLanguageModel.get_peft_model(model, r=4, target_modules=targets)
-    assert "unknown" not in str(info.value) and "do not exist" not in str(info.value)
+    with pytest.raises(ValueError, match="target modules is empty"):  # nothing left for LoRA
+        FastLanguageModel.get_peft_model(model, r=4, target_modules=["embed_tokens"])
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "lm_head"])
+    assert peft_model.peft_config["default"].target_modules == {"q_proj"}
 
 
 def test_saved_adapter_on_lm_head_is_called_unsupported(tmp_path):

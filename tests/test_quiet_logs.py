@@ -148,3 +148,46 @@ def test_grpo_doc_sample_runs_as_written(tmp_path):
                           env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "supports vLLM" not in proc.stderr  # configure_logging() in the sample
+
+
+def _serve_log(tmp_path, *extra: str) -> tuple[str, int]:
+    """The whole output of a default ``trainserve serve`` of the tiny model: start-up, one chat
+    request, SIGTERM. Returns (output, exit status)."""
+    import signal
+    import time
+
+    import httpx
+
+    from trainserve import tiny_model
+
+    log_path = tmp_path / f"serve{len(extra)}.log"
+    cmd = [str(ROOT / ".venv/bin/trainserve"), "serve", tiny_model(), "--port", "0", *extra]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    try:
+        deadline = time.monotonic() + 240
+        while not (match := re.search(r"serving .* at (http://\S+)", log_path.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.25)
+        body = {"model": tiny_model(), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(f"{match.group(1)}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    return log_path.read_text(), code
+
+
+@pytest.mark.engine
+def test_serve_command_is_quiet_by_default_and_verbose_on_request(tmp_path):
+    log, code = _serve_log(tmp_path)
+    assert code == 0, log
+    lines = log.splitlines()
+    assert "trainserve serve: loading torch and vLLM, then starting the engine" in lines[0], log
+    assert not VLLM_LINE.search(log), log
+    for noise in ("Loading safetensors checkpoint shards", "Uvicorn running", "Started server process",
+                  "Triton", "FutureWarning"):
+        assert noise not in log, (noise, log)
+    # start-up line, (torch's NUMA line on some CPUs,) engine started, URL, SIGTERM, stopped
+    assert len(lines) <= 6 and "stopped" in lines[-1], log
+    log, code = _serve_log(tmp_path, "--verbose")
+    assert code == 0 and len(VLLM_LINE.findall(log)) >= 5 and "Uvicorn running" in log, log

@@ -10,7 +10,7 @@ from trainserve._env import apply_env_defaults
 apply_env_defaults()
 
 __all__ = ["FastLanguageModel", "FastLlamaModel", "FastMistralModel", "FastQwen2Model", "FastQwen3Model",
-           "GRPOTrainer", "LoRARequest", "SamplingParams", "shutdown_engine", "tiny_model"]
+           "GRPOTrainer", "LoRARequest", "SamplingParams", "add_new_tokens", "shutdown_engine", "tiny_model"]
 __version__ = "0.1.0"
 _ARCHITECTURE_CLASSES = ("FastLlamaModel", "FastMistralModel", "FastQwen2Model", "FastQwen3Model")
 
@@ -29,6 +29,10 @@ def __getattr__(name: str):
         from trainserve.loader import FastLanguageModel
 
         return FastLanguageModel
+    if name == "add_new_tokens":  # Unsloth's helper: new tokens in tokenizer and model (trainserve.vocab)
+        from trainserve.vocab import add_new_tokens
+
+        return add_new_tokens
     if name == "tiny_model":
         from trainserve.tiny import tiny_model
 

@@ -120,7 +120,13 @@ def run_demo(model_path: str | None, steps: int, every: int, lr: float, seed: in
 
 def _main(args: argparse.Namespace) -> int:
     result = run_demo(args.model, args.steps, args.every, args.lr, args.seed, not args.verbose)
-    if result["correct"] < len(FACTS) // 2 or not result["base_unchanged"]:
+    if not result["base_unchanged"]:
+        print("demo: the base model's answers changed while training the adapter: something is wrong")
+        return 1
+    if result["correct"] < len(FACTS) // 2:
+        if args.steps < 40:
+            print(f"demo: {args.steps} steps were too few to learn the facts (the default 40 learns them)")
+            return 0
         print("demo did not learn the facts: something is wrong")
         return 1
     return 0

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainserve.trainable_modules import adapter_save_arguments, merged_parameter_name
+
 SAVE_METHODS = ("merged_16bit", "lora")
 _OFFLINE_VALUES = ("1", "ON", "YES", "TRUE")
 _BNB_PARAMS = ("Params4bit", "Int8Params")
@@ -81,12 +83,25 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
                 out[f"{name}.weight"] = _dense_weight(module).to(dtype)
                 if getattr(module, "bias", None) is not None:
                     out[f"{name}.bias"] = module.bias.detach().to("cpu", dtype, copy=True)
+        adapters = _active_adapters(model)
         for name, param in causal.named_parameters():
             owner = name.rsplit(".", 1)[0]
             if "lora_" in name or owner in written or owner.endswith(".base_layer"):
                 continue
-            out[name] = param.detach().to("cpu", dtype, copy=True)
+            name = merged_parameter_name(name, adapters)  # modules_to_save: the trained copy
+            if name is not None:
+                out[name] = param.detach().to("cpu", dtype, copy=True)
     return out
+
+
+def _active_adapters(model: nn.Module) -> list[str]:
+    """The adapters whose ``modules_to_save`` copies an export writes (none while they are disabled)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            return [] if module.disable_adapters else list(module.active_adapters)
+    return []
 
 
 def _export_dtype(model: nn.Module) -> torch.dtype:
@@ -149,7 +164,7 @@ def save_pretrained_merged(self: Any, save_directory: str | os.PathLike, tokeniz
     if save_method == "lora":
         if not hasattr(self, "peft_config"):
             raise RuntimeError("save_method='lora' needs a model from FastLanguageModel.get_peft_model")
-        self.save_pretrained(save_directory, safe_serialization=True)
+        self.save_pretrained(save_directory, safe_serialization=True, **adapter_save_arguments(self))
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         return None

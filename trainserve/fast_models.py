@@ -66,7 +66,8 @@ class FastLlamaModel(_EntryPoints, llama.FastLlamaModel):
 class FastQwen2Model(_EntryPoints, qwen2.FastQwen2Model):
     """Qwen2: the patch class plus ``from_pretrained`` / ``get_peft_model`` (seed 000).
 
-    ``rope_scaling`` is refused for Qwen2 (see :class:`trainserve.models.qwen2.FastQwen2Model`)."""
+    The ``rope_scaling`` argument is refused for Qwen2 (seed 000); YaRN declared in the checkpoint's
+    config.json loads (see :mod:`trainserve.models.qwen2`)."""
 
     @classmethod
     def from_pretrained(cls, model_name: str = "Qwen/Qwen2-7B", max_seq_length: int = 4096, dtype: Any = None,
@@ -75,8 +76,7 @@ class FastQwen2Model(_EntryPoints, qwen2.FastQwen2Model):
         """``FastLanguageModel.from_pretrained`` for a Qwen2 checkpoint (or a LoRA saved on one); a
         checkpoint of another ``model_type`` or a ``rope_scaling`` is refused before anything loads."""
         if rope_scaling is not None:
-            raise ValueError(f"Qwen2 does not support RoPE scaling (rope_scaling={rope_scaling!r}); "
-                             "load Qwen2 models without rope_scaling")
+            raise qwen2.rope_argument_refused(rope_scaling)
         return _load(cls, model_name, dict(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
                                            **kwargs))
 

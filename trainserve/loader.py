@@ -14,11 +14,14 @@ import torch
 from trainserve import model_api
 from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry, unsupported_targets_message
 from trainserve.hf_kwargs import pop_hf_kwargs, resolve_model_path
+from trainserve.lora_variants import check_bias, resolve_loftq
 from trainserve.models import get_fast_model_class
 from trainserve.models.checkpointing import normalize_gc_mode
 from trainserve.precision import check_model_dims, resolve_precision
 from trainserve.reload import load_saved_adapter, saved_adapter_base
 from trainserve.rope_config import apply_rope_parameters, check_supported, normalize_rope_scaling
+from trainserve.trainable_modules import lora_config_arguments, refuse_with_engine, split_targets
+from trainserve.vocab import ENGINE_ROUTE, resize_for_from_pretrained
 
 logger = logging.getLogger("trainserve")
 
@@ -28,7 +31,7 @@ ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen
 
 # Seed arguments this release accepts only at their default value.
 _DEFAULT_ONLY = {
-    "resize_model_vocab": None, "offload_embedding": False,
+    "offload_embedding": False,
     "qat_scheme": None, "unsloth_tiled_mlp": False,
 }
 # Seed arguments whose other harmless values mean what trainserve does anyway: trainserve never
@@ -121,6 +124,10 @@ class FastLanguageModel:
         from transformers import AutoConfig, AutoTokenizer
 
         dtype, hf = pop_hf_kwargs(kwargs, dtype)
+        resize_model_vocab = kwargs.pop("resize_model_vocab", None)
+        if resize_model_vocab is not None and fast_inference:
+            raise NotImplementedError(f"resize_model_vocab={resize_model_vocab!r} with fast_inference=True: "
+                                      f"{ENGINE_ROUTE}")
         _reject_unsupported(kwargs)
         model_name = resolve_model_path(model_name, hf, revision, token)
         adapter_base = saved_adapter_base(model_name)
@@ -135,8 +142,6 @@ class FastLanguageModel:
             load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, load_in_16bit=load_in_16bit,
             load_in_fp8=load_in_fp8, full_finetuning=full_finetuning, quant_backend=quant_backend,
             fast_inference=fast_inference, cuda=cuda, dtype_name=str(torch_dtype).removeprefix("torch."))
-        if full_finetuning and fast_inference:
-            raise NotImplementedError("full_finetuning=True with fast_inference=True is not supported")
         if float8_kv_cache and not cuda:
             raise NotImplementedError("float8_kv_cache=True needs CUDA")
         _check_device_map(device_map, cuda)
@@ -185,6 +190,11 @@ class FastLanguageModel:
                                         quantization=precision.engine_quantization, standby=cuda and standby,
                                         engine_options=engine_options)
                 _finish_model(model, fast_cls, max_seq_length, gc_mode, fast=True)
+                if full_finetuning:
+                    from trainserve.full_finetune import enable_full_finetuning
+
+                    state = model_api.state_of(model)
+                    state.live_base = enable_full_finetuning(model, state.engine)
             return model, tokenizer
         else:
             from transformers import AutoModelForCausalLM
@@ -200,6 +210,7 @@ class FastLanguageModel:
                 model_name, config=config, dtype=torch_dtype, token=token, revision=revision,
                 trust_remote_code=trust_remote_code, device_map="cuda" if cuda else None,
                 quantization_config=quant)
+            resize_for_from_pretrained(model, resize_model_vocab)
             if not full_finetuning:
                 model.requires_grad_(False)
         _finish_model(model, fast_cls, max_seq_length, gc_mode, fast=False)
@@ -241,18 +252,17 @@ class FastLanguageModel:
             target_modules = SUPPORTED_TARGETS
         if isinstance(target_modules, str):
             target_modules = [target_modules]
+        target_modules, full_modules = split_targets(target_modules, modules_to_save)
         unknown = [t for t in target_modules if t not in SUPPORTED_TARGETS]
         if not target_modules:
             raise ValueError(f"target modules is empty; choose from {list(SUPPORTED_TARGETS)}")
         if unknown:
             raise ValueError(unsupported_targets_message(unknown))
-        if bias != "none":
-            raise NotImplementedError(f"bias={bias!r} is not supported; use bias='none'")
-        if modules_to_save:
-            raise NotImplementedError(f"modules_to_save={modules_to_save!r} is not supported yet")
-        if loftq_config:
-            raise NotImplementedError("loftq_config is not supported")
-        if init_lora_weights not in (True, False, "gaussian"):
+        check_bias(bias, fast=state is not None)
+        if full_modules and state is not None:
+            refuse_with_engine(full_modules)
+        init_lora_weights, loftq = resolve_loftq(model, loftq_config, init_lora_weights, fast=state is not None)
+        if init_lora_weights not in (True, False, "gaussian", "loftq"):
             raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported")
         if hasattr(model, "peft_config"):
             raise ValueError("the model already has a PEFT adapter; call get_peft_model on the base model")
@@ -262,7 +272,8 @@ class FastLanguageModel:
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
             target_modules=list(target_modules), use_rslora=use_rslora, task_type="CAUSAL_LM",
             layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-            init_lora_weights=init_lora_weights,
+            init_lora_weights=init_lora_weights, loftq_config=loftq,
+            **lora_config_arguments(model.config, full_modules),
         )
         peft_model = get_peft_model(model, config)
         _setup_gradient_checkpointing(peft_model, use_gradient_checkpointing)

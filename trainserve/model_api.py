@@ -1,5 +1,6 @@
 """Methods trainserve attaches to a model: ``fast_generate``, ``save_lora``, ``load_lora``, ``serve`` and
-the exports of :mod:`trainserve.export` (``save_pretrained_merged``, ``push_to_hub_merged``).
+the exports of :mod:`trainserve.export` (``save_pretrained_merged``, ``push_to_hub_merged``) and
+:mod:`trainserve.gguf_export` (``save_pretrained_gguf``).
 
 They read the model's :class:`ModelState` (``model._trainserve``), which links the transformers
 model to the engine, the live adapter and the saved-adapter registry.
@@ -14,6 +15,8 @@ from typing import Any
 
 from trainserve.adapters import AdapterRegistry
 from trainserve.export import push_to_hub_merged, save_pretrained_merged
+from trainserve.gguf_export import save_pretrained_gguf
+from trainserve.trainable_modules import adapter_save_arguments
 
 _NEEDS_ENGINE = ("needs the colocated vLLM engine: load the model with "
                  "FastLanguageModel.from_pretrained(..., fast_inference=True)")
@@ -30,6 +33,7 @@ class ModelState:
     max_lora_rank: int = 0  # as the user asked (the engine's slots may be larger)
     live: Any = None  # LiveAdapter once get_peft_model ran
     peft_model: Any = None
+    live_base: Any = None  # trainserve.full_finetune.LiveBase with full_finetuning=True
 
 
 def state_of(model: Any) -> ModelState | None:
@@ -92,6 +96,8 @@ def fast_generate(self: Any, prompts: Any, sampling_params: Any = None, lora_req
     params = sampling_params if sampling_params is not None else SamplingParams()
     batch = _normalise_prompts(prompts)
     state.registry.check_usable(lora_request)
+    if state.live_base is not None:  # full fine-tuning: no KV from before a weight change is reused
+        state.live_base.sync()
     if lora_request is None and state.live is not None and _adapter_enabled(state.peft_model):
         lora_request = state.live.sync_request()
     standby = state.engine.standby
@@ -108,7 +114,8 @@ def save_lora(self: Any, save_directory: str | os.PathLike, **kwargs: Any) -> No
     peft_model = state.peft_model if state is not None and state.peft_model is not None else self
     if not hasattr(peft_model, "peft_config"):
         raise RuntimeError("save_lora needs a model from FastLanguageModel.get_peft_model")
-    peft_model.save_pretrained(str(save_directory), safe_serialization=True, **kwargs)
+    peft_model.save_pretrained(str(save_directory), safe_serialization=True,
+                               **{**adapter_save_arguments(peft_model), **kwargs})
     if state is not None and state.tokenizer is not None:
         state.tokenizer.save_pretrained(str(save_directory))
 
@@ -148,3 +155,4 @@ def attach_api(model: Any, fast: bool) -> None:
     model.save_lora = types.MethodType(save_lora, model)
     model.save_pretrained_merged = types.MethodType(save_pretrained_merged, model)
     model.push_to_hub_merged = types.MethodType(push_to_hub_merged, model)
+    model.save_pretrained_gguf = types.MethodType(save_pretrained_gguf, model)

@@ -124,9 +124,18 @@ def check_model_dims(precision: Precision, config: Any) -> None:
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     layers = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
               "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    kernel = os.environ.get("TRAINSERVE_INT4_KERNEL", "auto").strip().lower()
+    if fmt is not None and kernel not in ("auto", "marlin", "machete"):
+        raise ValueError(f"TRAINSERVE_INT4_KERNEL must be auto, marlin or machete, got {kernel!r}")
+    forced_machete = fmt is not None and fmt.bits == 4 and kernel == "machete"
     for name, (k, n) in layers.items():
-        if fmt is not None:
-            check_shape(fmt, k, n, what=f"{name} of this model ({precision.label})")
-        elif k % 128 or n % 128:
-            raise ValueError(f"{name} of this model ({n} outputs x {k} inputs) cannot use FP8 128x128 block "
-                             "scales (both must be multiples of 128); use load_in_8bit or load_in_4bit")
+        if fmt is None:
+            if k % 128 or n % 128:
+                raise ValueError(f"{name} of this model ({n} outputs x {k} inputs) cannot use FP8 128x128 block "
+                                 "scales (both must be multiples of 128); use load_in_8bit or load_in_4bit")
+            continue
+        check_shape(fmt, k, n, what=f"{name} of this model ({precision.label})")
+        if forced_machete and (k % 64 or n % 128):
+            raise ValueError(f"TRAINSERVE_INT4_KERNEL=machete, but {name} of this model ({n} outputs x {k} inputs) "
+                             "cannot use Machete (outputs must be multiples of 128, inputs of 64); unset it to "
+                             "let trainserve use Marlin for this model")

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from trainserve.adapters import validate_adapter_dir
+from trainserve.lora_variants import check_bias
 from trainserve.model_api import state_of
+from trainserve.vocab import resize_for_saved_adapter
 
 # LoraConfig fields that are metadata or only decide the *initial* weights (overwritten here).
 _NOT_COMPARED = {
     "base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "loftq_config",
     "peft_version", "auto_mapping", "task_type", "runtime_config", "peft_type",
+    "ensure_weight_tying",  # get_peft_model sets it from the model's tie_word_embeddings
 }
 
 
@@ -91,24 +94,28 @@ def load_saved_adapter(model: Any, tokenizer: Any, adapter_dir: str, get_peft_mo
 
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     args = _peft_arguments(cfg)
+    if cfg.get("init_lora_weights") == "loftq":  # A/B fit LoftQ's quantised base, which is not saved
+        raise NotImplementedError(f"the saved adapter at {adapter_dir!r} was initialised with LoftQ: its LoRA "
+                                  "weights belong to LoftQ's quantised copy of the base, which save_lora does not "
+                                  "save; export that model with save_pretrained_merged instead")
     _refuse_unreproducible(adapter_dir, args)
     state = state_of(model)
-    validate_adapter_dir(adapter_dir, model.config, state.max_lora_rank if state is not None else args["r"])
+    check_bias(args["bias"], fast=state is not None)  # with the engine: refused by name, before anything loads
+    # the engine's adapter checks; saved biases and modules_to_save are checked by get_peft_model and the load below
+    if args["bias"] == "none" and not args["modules_to_save"]:
+        validate_adapter_dir(adapter_dir, model.config, state.max_lora_rank if state is not None else args["r"])
     if (Path(adapter_dir) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        if len(tokenizer) > model.config.vocab_size:
-            raise NotImplementedError(f"the tokenizer saved with the adapter has {len(tokenizer)} tokens, more than "
-                                      f"the base model's vocab_size {model.config.vocab_size} (new tokens are not "
-                                      "supported yet)")
         if fix_tokenizer is not None:
             tokenizer = fix_tokenizer(tokenizer)
         if state is not None:
             state.tokenizer = tokenizer
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    resize_for_saved_adapter(model, tokenizer, weights)  # new tokens (trainserve.vocab)
     peft_model = get_peft_model(model, use_gradient_checkpointing=use_gradient_checkpointing,
                                 random_state=random_state, **args)
-    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(peft_model, weights, adapter_name="default")
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:

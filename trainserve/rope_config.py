@@ -55,6 +55,33 @@ def check_supported(config: Any, where: str = "the model's config") -> None:
     if kind not in SUPPORTED_ROPE:
         raise ValueError(f"{where} uses RoPE type {kind!r}, which trainserve does not support "
                          f"(supported: {sorted(SUPPORTED_ROPE)})")
+    if params is not None:
+        _check_engine_agrees(params, kind, config, where)
+
+
+def _check_engine_agrees(params: dict[str, Any], kind: str, config: Any, where: str) -> None:
+    """Refuse RoPE dicts that transformers and vLLM would read differently (checked before the engine starts).
+
+    transformers fills a missing ``factor`` in from the context lengths and reads ``beta_fast``/``beta_slow``
+    of 0 as their defaults, while vLLM needs ``factor`` and uses the betas as given; and vLLM's YaRN table
+    has ``original_max_position_embeddings * factor`` positions, which transformers does not limit.
+    """
+    required, _ = SUPPORTED_ROPE[kind]
+    missing = sorted(k for k in required if params.get(k) is None)
+    if missing:
+        raise ValueError(f"{where}: RoPE type {kind!r} needs {missing} (transformers would infer or default "
+                         "them, vLLM would not); add them to the RoPE dict in config.json")
+    for key in ("beta_fast", "beta_slow"):
+        if key in params and not params[key]:
+            raise ValueError(f"{where}: {key}={params[key]!r} - transformers replaces it with its default, vLLM "
+                             "uses it as given; remove it or give a positive value")
+    if kind == "yarn":
+        limit = params["original_max_position_embeddings"] * params["factor"]
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if max_pos is not None and max_pos > limit:
+            raise ValueError(f"{where}: max_position_embeddings={max_pos} exceeds YaRN's "
+                             f"original_max_position_embeddings * factor = {limit:g}, the positions vLLM's YaRN "
+                             "RoPE covers; lower max_position_embeddings or raise factor")
 
 
 def normalize_rope_scaling(config: Any, rope_scaling: Any) -> dict[str, Any]:

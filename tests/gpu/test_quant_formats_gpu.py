@@ -105,6 +105,7 @@ _PARITY = textwrap.dedent("""
                                                    gpu_memory_utilization=0.3, max_lora_rank=16, **flags)
     engine = state_of(model).engine
     r = {"engine_quantization": engine.spec.quantization,
+         "machete_layers": sum(getattr(m, "trainserve_machete", None) is not None for m in engine.model.modules()),
          "packed": isinstance(model.model.layers[0].self_attn.q_proj, PackedLinear),
          "storage": shared_storage_report(model, engine.model)}
     with torch.no_grad():  # real Qwen2 q/k/v biases are large; these views write the engine's biases too
@@ -152,13 +153,15 @@ def path(tmp_path_factory):
     return random_qwen2("0.5b", tmp_path_factory.mktemp("qwen2-0.5b"))
 
 
-@pytest.mark.parametrize("flags,quantization", [
-    ({"load_in_4bit": True}, "trainserve_int4"), ({"load_in_8bit": True}, "trainserve_int8"),
-    ({"load_in_fp8": True}, "fp8_per_block"),
-], ids=["int4", "int8", "fp8"])
-def test_engine_and_trainer_agree_on_the_same_quantised_weights(path, flags: dict, quantization: str) -> None:
-    """One process per format (one engine per process); ``TRAINSERVE_GPU_TEST_EAGER=1`` skips CUDA graphs."""
-    env = dict(os.environ)
+@pytest.mark.parametrize("flags,quantization,kernel", [
+    ({"load_in_4bit": True}, "trainserve_int4", "auto"), ({"load_in_4bit": True}, "trainserve_int4", "marlin"),
+    ({"load_in_8bit": True}, "trainserve_int8", "auto"), ({"load_in_fp8": True}, "fp8_per_block", "auto"),
+], ids=["int4", "int4-marlin", "int8", "fp8"])
+def test_engine_and_trainer_agree_on_the_same_quantised_weights(path, flags: dict, quantization: str,
+                                                                kernel: str) -> None:
+    """One process per format (one engine per process); ``TRAINSERVE_GPU_TEST_EAGER=1`` skips CUDA graphs.
+    On Hopper, int4 runs Machete by default (``kernel="auto"``); ``int4-marlin`` keeps Marlin covered."""
+    env = dict(os.environ, TRAINSERVE_INT4_KERNEL=kernel)
     if env.get("TRAINSERVE_GPU_TEST_EAGER") == "1":
         env["TRAINSERVE_ENFORCE_EAGER"] = "1"
     proc = subprocess.run([sys.executable, "-P", "-c", _PARITY, str(path), json.dumps(flags)], env=env,
@@ -168,6 +171,8 @@ def test_engine_and_trainer_agree_on_the_same_quantised_weights(path, flags: dic
     r = json.loads(lines[-1][len("RESULT "):])
     print(f"{flags}: {r}")
     assert r["engine_quantization"] == quantization and r["packed"]
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert (r["machete_layers"] > 0) == (hopper and kernel == "auto" and flags.get("load_in_4bit", False)), r
     assert r["storage"]["separate"] == 0 and r["storage"]["shared"] > 0, r
     assert r["learnt"] and r["base_differs"], r
     assert r["gap_max"] < 0.1 and r["gap_mean"] < 0.03, r

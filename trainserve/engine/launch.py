@@ -70,6 +70,8 @@ class Engine:
         self.model = vllm_compat.engine_model(llm)
         self.live_owner: object | None = None  # the LiveAdapter that holds the live slots
         self.adapters: Any = None  # the AdapterRegistry: saved-adapter ids are unique per engine
+        # Set by full fine-tuning (trainserve.full_finetune): the weights are no longer the checkpoint's.
+        self.base_modified = False
         from trainserve.engine.standby import KVStandby
 
         self.standby = KVStandby(self)
@@ -109,6 +111,11 @@ def start_engine(spec: EngineSpec) -> Engine:
     global _CURRENT
     if _CURRENT is not None:
         if _CURRENT.spec == spec:
+            if _CURRENT.base_modified:
+                raise RuntimeError(
+                    "the running vLLM engine's weights were changed by full fine-tuning "
+                    "(full_finetuning=True, fast_inference=True), so they are no longer the checkpoint's; "
+                    "call trainserve.shutdown_engine() before loading the model again")
             return _CURRENT
         want = spec.public_fields()
         diff = {k: (v, want[k]) for k, v in _CURRENT.spec.public_fields().items() if want[k] != v}

@@ -28,6 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from trainserve.engine import vllm_compat
 from trainserve.engine.launch import LIVE_LORA_IDS, Engine
+from trainserve.engine.optimizer_watch import updates_any
 
 # transformers module name → (engine fused module name, sub-projection index)
 HF_TO_ENGINE = {
@@ -159,12 +160,7 @@ class LiveAdapter:
     # ------------------------------------------------------- change tracking
     def holds(self, optimizer: Any) -> bool:
         """True when ``optimizer`` updates parameters of this adapter (cached per optimizer)."""
-        cached = self._optimizers.get(optimizer)
-        n_groups = len(optimizer.param_groups)
-        if cached is None or cached[0] != n_groups:
-            found = any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
-            cached = self._optimizers[optimizer] = (n_groups, found)
-        return cached[1]
+        return updates_any(self._optimizers, self._param_ids, optimizer)
 
     def mark_stepped(self) -> None:
         """Record that an optimizer changed the adapter (needed for fused optimizers); let the KV

@@ -98,6 +98,18 @@ class EngineLoop:
             self._run_jobs()
             return fn()
 
+    def hold(self) -> None:
+        """Keep the engine from stepping until :meth:`release` (re-entrant, per thread).
+
+        Waits for an engine step in progress to end. Used around a full fine-tuning optimizer
+        step, which writes the weights the engine computes with: no forward pass sees half an
+        update."""
+        self._lock.acquire()
+
+    def release(self) -> None:
+        """Undo one :meth:`hold` of this thread."""
+        self._lock.release()
+
     def _run_jobs(self) -> None:
         while True:
             try:

@@ -18,12 +18,15 @@ g128, symmetric).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainserve.kernels.machete_dequant import MacheteTensors
+from trainserve.kernels.machete_layout import check_prepacked, quantize_for_machete
 from trainserve.kernels.marlin_dequant import dequantize_marlin
 from trainserve.kernels.marlin_layout import IntFormat, MarlinTensors, check_shape, quantize_to_marlin
 
@@ -35,6 +38,7 @@ FORMATS = {
 }
 
 _REGISTERED: set[str] = set()
+_CHECKED_SHAPES: set[tuple[int, int]] = set()
 
 
 @torch.library.custom_op("trainserve::int_linear_reference", mutates_args=())
@@ -55,8 +59,12 @@ def _(x, qweight, scales, qzeros, bias, bits, group_size, zero_point):
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
 
 
-def layer_tensors(layer: nn.Module) -> MarlinTensors:
-    """The Marlin tensors a processed layer holds (plain tensors, same storage)."""
+def layer_tensors(layer: nn.Module) -> MarlinTensors | MacheteTensors:
+    """The Marlin or Machete tensors a processed layer holds (plain tensors, same storage)."""
+    layout = getattr(layer, "trainserve_machete_layout", None)
+    if layout is not None:
+        return MacheteTensors(qweight=layer.qweight.data, scales=layer.scales.data, zf=layer.qzeros.data,
+                              layout=layout, group_size=layer.trainserve_format.group_size)
     zeros = getattr(layer, "qzeros", None)
     return MarlinTensors(qweight=layer.qweight.data, scales=layer.scales.data,
                          zeros=zeros.data if zeros is not None and zeros.numel() else None)
@@ -65,6 +73,32 @@ def layer_tensors(layer: nn.Module) -> MarlinTensors:
 def layer_format(layer: nn.Module) -> IntFormat | None:
     """The :class:`IntFormat` of an engine linear layer quantised by this method, else None."""
     return getattr(layer, "trainserve_format", None)
+
+
+def int4_kernel_choice() -> str:
+    """``TRAINSERVE_INT4_KERNEL``: ``auto`` (Machete on Hopper where the shape allows, else Marlin),
+    ``marlin`` or ``machete`` (an error where it cannot run) — for benchmarks and as an escape hatch."""
+    choice = os.environ.get("TRAINSERVE_INT4_KERNEL", "auto").strip().lower()
+    if choice not in ("auto", "marlin", "machete"):
+        raise ValueError(f"TRAINSERVE_INT4_KERNEL must be auto, marlin or machete, got {choice!r}")
+    return choice
+
+
+def _use_machete(fmt: IntFormat, w: torch.Tensor, partition_sizes: list[int], what: str) -> bool:
+    """Machete for 4-bit asymmetric layers on Hopper (Marlin's mma.sync is compute-bound there at
+    rollout batch sizes); every shard must be whole 128-column blocks so the trainer can view it."""
+    from trainserve.engine import vllm_compat
+
+    choice = int4_kernel_choice()
+    if choice == "marlin" or fmt.bits != 4 or not fmt.zero_point:
+        return False
+    n, k = w.shape
+    why = vllm_compat.machete_unsupported(k, n, fmt.group_size, w.dtype, w.device)
+    if why is None and any(size % 128 for size in partition_sizes):
+        why = f"shards {partition_sizes} are not multiples of 128"
+    if why is not None and choice == "machete":
+        raise ValueError(f"TRAINSERVE_INT4_KERNEL=machete, but {what} cannot use it: {why}")
+    return why is None
 
 
 def register(name: str) -> str:
@@ -115,6 +149,9 @@ def register(name: str) -> str:
             for size in layer.trainserve_partition_sizes:
                 if size % 64:
                     raise ValueError(f"{type(layer).__name__}: shard of {size} rows is not a multiple of 64")
+            if _use_machete(fmt, w, layer.trainserve_partition_sizes, type(layer).__name__):
+                self._process_machete(layer, w)
+                return
             t = quantize_to_marlin(w, fmt, scale_dtype=w.dtype)
             del layer.weight
             layer.register_parameter("qweight", nn.Parameter(t.qweight, requires_grad=False))
@@ -126,7 +163,31 @@ def register(name: str) -> str:
             if w.is_cuda:
                 layer.trainserve_marlin = vllm_compat.MarlinRunner(layer, fmt)
 
+        def _process_machete(self, layer: nn.Module, w: torch.Tensor) -> None:
+            from trainserve.engine import vllm_compat
+
+            n, k = w.shape
+            runner = vllm_compat.MacheteRunner(w.dtype)
+            layout = vllm_compat.machete_layout(runner, w.device)
+            words, scales, zf = quantize_for_machete(w, fmt.group_size, w.dtype)
+            del layer.weight
+            qweight = runner.prepack(words)
+            if (k, n) not in _CHECKED_SHAPES:
+                check_prepacked(qweight, words, layout)
+                _CHECKED_SHAPES.add((k, n))
+            del words
+            layer.register_parameter("qweight", nn.Parameter(qweight, requires_grad=False))
+            layer.register_parameter("scales", nn.Parameter(scales, requires_grad=False))
+            layer.register_parameter("qzeros", nn.Parameter(zf, requires_grad=False))
+            layer.trainserve_format = fmt
+            layer.trainserve_shape = (n, k)
+            layer.trainserve_machete_layout = layout
+            layer.trainserve_machete = runner
+
         def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            machete = getattr(layer, "trainserve_machete", None)
+            if machete is not None:
+                return machete(x, layer.qweight, layer.scales, layer.qzeros, fmt.group_size, bias)
             runner = getattr(layer, "trainserve_marlin", None)
             if runner is not None:
                 return runner(x, layer.qweight, layer.scales, layer.qzeros, bias)

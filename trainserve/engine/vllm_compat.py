@@ -78,6 +78,23 @@ def register_shared_weight_architecture(architecture: str) -> str:
     return name
 
 
+def read_head_weight_live(model: nn.Module) -> bool:
+    """Make the engine's logits read ``lm_head.weight`` itself at every call; True if it did not.
+
+    On CPU vLLM prepares the ``lm_head`` (or tied embedding) GEMM once at load (oneDNN/SGL pack a
+    copy of the weight into ``layer.cpu_linear``): a weight changed in place afterwards (full
+    fine-tuning) would still give the checkpoint's logits. ``torch.nn.functional.linear`` is what vLLM
+    itself uses for layers marked ``_cpu_skip_gemm_dispatch``. On GPU the weight is read directly.
+    """
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        raise _fail("the engine model has no lm_head")
+    if not hasattr(head, "cpu_linear") or head.cpu_linear is torch.nn.functional.linear:
+        return False
+    head.cpu_linear = torch.nn.functional.linear
+    return True
+
+
 def engine_model(llm: Any) -> nn.Module:
     """The engine's ``torch.nn.Module`` (in-process engine only)."""
     models = llm.apply_model(lambda m: m)
@@ -270,3 +287,75 @@ class MarlinRunner:
             g_idx_sort_indices=self.empty, workspace=self.workspace, wtype=self.wtype,
             output_size_per_partition=self.n, input_size_per_partition=self.k, is_k_full=True, bias=None)
         return out if bias is None else out.add_(bias)
+
+
+class MacheteRunner:
+    """vLLM's Machete weight-only GEMM (Hopper ``wgmma``) for trainserve's 4-bit asymmetric format.
+
+    ``machete_prepack_B``/``machete_mm`` are vLLM custom ops (``vllm._custom_ops``), used the way
+    vLLM's own ``MacheteLinearKernel`` uses them: weights GPTQ-packed along K and prepacked once,
+    natural-order ``(K // group, N)`` scales, zero points pre-multiplied (``-scale * zero``).
+    The prepacked layout is learnt from the packer (:mod:`trainserve.kernels.machete_layout`) and
+    checked by ``tests/gpu/test_machete_gpu.py``.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        try:
+            from vllm import _custom_ops as ops
+            from vllm.scalar_type import scalar_types
+        except ImportError as exc:
+            raise _fail("vllm._custom_ops or vllm.scalar_type is gone") from exc
+        for name in ("machete_mm", "machete_prepack_B"):
+            if not hasattr(ops, name):
+                raise _fail(f"vllm._custom_ops.{name} is gone")
+        self._ops, self.wtype, self.dtype = ops, scalar_types.uint4, dtype
+
+    def prepack(self, words_kn: torch.Tensor) -> torch.Tensor:
+        """GPTQ-packed ``(K // 8, N)`` int32 → Machete's prepacked tensor (same size)."""
+        return self._ops.machete_prepack_B(words_kn.t().contiguous().t(), a_type=self.dtype, b_type=self.wtype,
+                                           group_scales_type=self.dtype)
+
+    def __call__(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zf: torch.Tensor,
+                 group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = self._ops.machete_mm(a=x2, b_q=qweight, b_type=self.wtype, b_group_zeros=zf, b_group_scales=scales,
+                                   b_group_size=group_size)
+        if bias is not None:
+            out.add_(bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def machete_unsupported(k: int, n: int, group_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why Machete cannot run this layer here (None when it can)."""
+    if device.type != "cuda":
+        return "not a CUDA device"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return "Machete needs compute capability 9.0 (Hopper)"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"Machete needs bf16/fp16 activations, not {dtype}"
+    if not hasattr(torch.ops._C, "machete_mm"):
+        return "this vLLM build has no Machete kernels"
+    try:
+        from vllm.model_executor.layers.quantization.utils.machete_utils import (
+            check_machete_supports_shape,
+            query_machete_supported_group_sizes,
+        )
+    except ImportError:
+        return "vllm...machete_utils is gone"
+    if group_size not in query_machete_supported_group_sizes(dtype):
+        return f"group size {group_size} is not supported by Machete"
+    ok, why = check_machete_supports_shape(k, n)
+    return None if ok else why
+
+
+_MACHETE_LAYOUTS: dict[tuple[str, torch.dtype], Any] = {}
+
+
+def machete_layout(runner: MacheteRunner, device: torch.device) -> Any:
+    """The :class:`~trainserve.kernels.machete_layout.MacheteLayout` of this vLLM build (learnt once)."""
+    from trainserve.kernels.machete_layout import learn_layout
+
+    key = (str(device), runner.dtype)
+    if key not in _MACHETE_LAYOUTS:
+        _MACHETE_LAYOUTS[key] = learn_layout(runner.prepack, device)
+    return _MACHETE_LAYOUTS[key]

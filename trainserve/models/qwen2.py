@@ -1,9 +1,18 @@
-"""Qwen2: the shared fast path plus Qwen2's rules (no RoPE scaling; sliding-window layers).
+"""Qwen2: the shared fast path plus Qwen2's rules (RoPE scaling from config.json only; sliding-window layers).
 
 Qwen2's attention differs from Llama's only by q/k/v biases (handled by the fused projections)
 and per-layer sliding windows (``config.layer_types``; the model forward builds a windowed mask
-or varlen call for those layers). RoPE scaling is rejected: Qwen2 checkpoints are trained
-without it, and the serving engine would not apply it either.
+or varlen call for those layers).
+
+RoPE scaling: Qwen2 reaches long contexts with YaRN declared in the checkpoint's ``config.json``
+(seed 001: 131,072 tokens; ``rope_scaling`` / ``rope_parameters`` with ``"rope_type": "yarn"``).
+Such a config loads: transformers' rotary module computes YaRN's ``inv_freq`` and attention factor,
+the patched rotary forward reads both (:func:`trainserve.models.forwards.fast_rotary_forward`), and
+vLLM builds its YaRN rotary embedding from the same config, so trainer and engine apply the same RoPE
+(the loader refuses, before the engine starts, RoPE the two would apply differently:
+:func:`trainserve.rope_config.check_supported`). The ``rope_scaling=`` *argument* of
+``from_pretrained`` stays refused for Qwen2, as Unsloth's seed 000 does: it would rescale a checkpoint
+that was not trained for it; :data:`ROPE_ARGUMENT_REFUSED` says to use the config route instead.
 """
 
 from __future__ import annotations
@@ -12,16 +21,22 @@ from typing import Any
 
 from trainserve.models.base import FastBaseModel
 
-__all__ = ["FastQwen2Model"]
+__all__ = ["ROPE_ARGUMENT_REFUSED", "FastQwen2Model", "rope_argument_refused"]
+
+ROPE_ARGUMENT_REFUSED = (
+    "Qwen2 does not support the rope_scaling argument (rope_scaling={rope_scaling!r}), as Unsloth's "
+    "FastQwen2Model: it would rescale a checkpoint not trained for it. For long context (YaRN), declare it in "
+    "the checkpoint's config.json instead, e.g. \"rope_scaling\": {{\"type\": \"yarn\", \"factor\": 4.0, "
+    "\"original_max_position_embeddings\": 32768}} (or the transformers-5 \"rope_parameters\" with "
+    "\"rope_type\": \"yarn\" and \"rope_theta\") and raise max_position_embeddings to the context you need; "
+    "trainer and engine then both apply it"
+)
+"""The refusal of ``rope_scaling=`` for Qwen2, pointing to the config.json route (``.format(rope_scaling=...)``)."""
 
 
-def rope_type(rope: Any) -> str | None:
-    """The RoPE type named by a ``rope_scaling`` / ``rope_parameters`` value (None for none)."""
-    if rope is None:
-        return None
-    if isinstance(rope, dict):
-        return rope.get("rope_type") or rope.get("type")
-    return str(rope)
+def rope_argument_refused(rope_scaling: Any) -> ValueError:
+    """The ``ValueError`` raised for ``from_pretrained(qwen2, rope_scaling=...)``."""
+    return ValueError(ROPE_ARGUMENT_REFUSED.format(rope_scaling=rope_scaling))
 
 
 class FastQwen2Model(FastBaseModel):
@@ -34,17 +49,8 @@ class FastQwen2Model(FastBaseModel):
 
     @classmethod
     def validate_config(cls, config: Any, rope_scaling: Any = None) -> None:
-        """Raise ValueError for RoPE scaling (argument or config) or a non-Qwen2 config."""
+        """Raise ValueError for a non-Qwen2 config or a ``rope_scaling`` argument; RoPE scaling that the
+        config itself declares (YaRN) is allowed."""
         super().validate_config(config)
         if rope_scaling is not None:
-            raise ValueError(
-                f"Qwen2 does not support RoPE scaling (rope_scaling={rope_scaling!r}); "
-                "load Qwen2 models without rope_scaling"
-            )
-        for attr in ("rope_scaling", "rope_parameters"):
-            rt = rope_type(getattr(config, attr, None))
-            if rt not in (None, "default"):
-                raise ValueError(
-                    f"Qwen2 does not support RoPE scaling: config.{attr} has rope_type {rt!r}; "
-                    "only the default RoPE is allowed for Qwen2"
-                )
+            raise rope_argument_refused(rope_scaling)

@@ -13,6 +13,7 @@ from typing import Any
 _EXPORTS = {
     "GRPOTrainer": "trainserve.rl.trainer",
     "RewardFunctionError": "trainserve.rl.rewards",
+    "RolloutRecord": "trainserve.rl.overlap",
     "checked_reward_func": "trainserve.rl.rewards",
     "MetricsLogger": "trainserve.rl.metrics",
     "RewardProgressBar": "trainserve.rl.metrics",

@@ -80,8 +80,12 @@ def run_grpo(
     gpu_memory_utilization: float = 0.3,
     plot: bool = True,
     progress: bool = True,
+    overlap: bool = False,
 ) -> dict[str, Any]:
-    """Train the toy task with :class:`trainserve.rl.GRPOTrainer`; return the run summary."""
+    """Train the toy task with :class:`trainserve.rl.GRPOTrainer`; return the run summary.
+
+    ``overlap``: one-step-off training (:mod:`trainserve.rl.overlap`) with TRL's token-level
+    truncated importance-sampling correction (``token_truncate``, ratios clipped at 3)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from trainserve import FastLanguageModel, tiny_model
@@ -120,11 +124,13 @@ def run_grpo(
         per_device_train_batch_size=batch_size, max_completion_length=max_completion_length,
         temperature=temperature, top_p=top_p, beta=beta,
         save_strategy="steps" if save_every > 0 else "no", save_steps=max(save_every, 1),
-        save_total_limit=keep_checkpoints or None, disable_tqdm=True)
+        save_total_limit=keep_checkpoints or None, disable_tqdm=True,
+        **({"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "token_truncate"}
+           if overlap else {}))
     dataset = toy_dataset(max(256, steps * batch_size // num_generations), conversational=not plain_text)
     trainer = GRPOTrainer(
         model=model, reward_funcs=toy_reward_funcs(target_word), args=config,
-        train_dataset=dataset, processing_class=tokenizer, callbacks=[MetricsLogger(out)])
+        train_dataset=dataset, processing_class=tokenizer, callbacks=[MetricsLogger(out)], overlap=overlap)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     if progress:
@@ -145,6 +151,9 @@ def run_grpo(
     model.save_lora(os.path.join(out, "adapter"))
     metrics_path = os.path.join(out, METRICS_FILE)
     summary = _summary(read_metrics(metrics_path), start_step, seconds)
+    if overlap:  # how long steps waited for their batch (≈0: generation fully hidden behind training)
+        waits = [r["rollout_wait_s"] for r in read_metrics(metrics_path) if "rollout_wait_s" in r]
+        summary.update(overlap=True, rollout_wait_s_median=round(statistics.median(waits), 4) if waits else None)
     summary.update(resumed_from=start_step or None, target_word=target_word,
                    samples=[completion_text(c) for c in list(trainer._logs["completion"])[-3:]])
     if plot:
@@ -219,6 +228,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-seq-length", type=positive_int, default=256, help="engine context length")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.3,
                    help="share of the device's memory the engine may reserve (vLLM's --gpu-memory-utilization)")
+    p.add_argument("--overlap", action="store_true",
+                   help="one-step-off training: the engine generates the next batch (with the adapter one step "
+                   "older) while this one trains; TRL's truncated importance-sampling correction accounts for it")
     p.add_argument("--no-plot", action="store_true", help="skip reward.png")
     p.add_argument("--verbose", action="store_true",
                    help="show vLLM's INFO logging and TRL/transformers start-up warnings, hidden by default "
@@ -256,7 +268,7 @@ def _main(args: argparse.Namespace) -> int:
             plain_text=args.plain_text, save_every=args.save_every,
             keep_checkpoints=args.keep_checkpoints, resume=args.resume, serve_port=args.serve_port,
             serve_host=args.serve_host, max_seq_length=args.max_seq_length,
-            gpu_memory_utilization=args.gpu_memory_utilization, plot=not args.no_plot)
+            gpu_memory_utilization=args.gpu_memory_utilization, plot=not args.no_plot, overlap=args.overlap)
     except GRPORunError as exc:
         print(f"trainserve grpo: {exc}")
         return 2

@@ -8,10 +8,14 @@ plain ``trl.GRPOConfig``.
 
 Models without a colocated engine (``fast_inference=False``, a path, a plain transformers model)
 fall back to TRL's own transformers generation with a warning, so the class stays a drop-in.
+
+``overlap=True`` trains one step off-policy: the engine generates the next batch while this one
+trains (see :mod:`trainserve.rl.overlap`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 import warnings
@@ -23,6 +27,8 @@ from transformers import TrainerCallback
 
 from trainserve.model_api import state_of
 from trainserve.rl import checkpoint as ckpt
+from trainserve.rl.overlap import EngineBatch, OneStepOff, RolloutRecord
+from trainserve.rl.overlap_checks import check_overlap
 from trainserve.rl.rewards import check_model_rewards, checked_reward_func
 
 __all__ = ["GRPOTrainer"]
@@ -79,6 +85,14 @@ class GRPOTrainer(trl.GRPOTrainer):
     larger ``max_steps`` it extends the run: the learning-rate schedule is rebuilt for the new total).
     Reward functions are validated (see :mod:`trainserve.rl.rewards`); checkpoints are atomic and
     resuming loads the adapter in place (see :mod:`trainserve.rl.checkpoint`).
+
+    ``overlap=True``: one-step-off training. While step k trains on batch k, the engine generates
+    batch k+1 with the adapter of step k-1 (pinned in one slot of the live adapter's double
+    buffer), on the engine loop's thread; TRL's importance-sampling correction
+    (``args.vllm_importance_sampling_correction``, ``..._mode``, ``..._clip_min/max``) reweights each
+    token with the engine's behaviour logprobs of that version. ``rollout_records`` lists, per
+    step, the version that generated every sample. Settings that cannot work with it raise a
+    ``ValueError`` naming the setting. See :mod:`trainserve.rl.overlap`.
     """
 
     def __init__(
@@ -97,7 +111,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         tools: list[Any] | None = None,
         rollout_func: Any = None,
         environment_factory: Any = None,
+        overlap: bool = False,
     ):
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be True or False, got {overlap!r}")
         if args is not None and not isinstance(args, trl.GRPOConfig):
             raise TypeError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
         if args is not None and args.use_vllm:
@@ -106,6 +123,9 @@ class GRPOTrainer(trl.GRPOTrainer):
                 "already generates with the colocated engine that shares the model's weights. Leave "
                 "use_vllm=False (the default): rollouts use model.fast_generate with the live adapter.")
         state = None if isinstance(model, str) else state_of(model)
+        if overlap:  # before anything is built: every refusal names the setting
+            check_overlap(args, state, tools=tools, rollout_func=rollout_func,
+                          environment_factory=environment_factory)
         if state is None:
             warnings.warn(
                 "trainserve.GRPOTrainer: the model has no colocated vLLM engine (load it with "
@@ -137,6 +157,35 @@ class GRPOTrainer(trl.GRPOTrainer):
         for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
             if not isinstance(func, torch.nn.Module):
                 self.reward_funcs[i] = checked_reward_func(func, name)
+        self._overlap: OneStepOff | None = None
+        if overlap:
+            # TRL computes its vLLM importance-sampling correction (old logprobs under the current
+            # weights vs the engine's behaviour logprobs, truncated or masked ratio in the loss) only
+            # when `use_vllm` is set. The *trainer attribute* (not args.use_vllm: TRL starts no second
+            # vLLM, that was decided in its __init__) turns it on; the other places TRL reads it —
+            # its own generation, tools, rollout_func — are overridden or refused with overlap.
+            self.use_vllm = True
+            self._overlap = OneStepOff(state.engine, state.live, self._lookahead_batch,
+                                       lambda: self._version_offset)
+
+    @property
+    def rollout_records(self) -> list[RolloutRecord]:
+        """Overlapped runs: how each training batch was generated (version per sample); else empty."""
+        return self._overlap.records if self._overlap is not None else []
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; with ``overlap=True`` inside the overlap session (engine loop in its own
+        thread and CUDA stream, KV cache kept mapped, a batch generated ahead aborted at the end)."""
+        if self._overlap is None:
+            return super().train(*args, **kwargs)
+        with self._overlap.session():
+            return super().train(*args, **kwargs)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """With overlap, also look at the next optimizer step's prompts (to generate them ahead)."""
+        if self._overlap is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        return self._overlap.batch_samples(super().get_batch_samples, epoch_iterator, num_batches, device)
 
     @staticmethod
     def _prepare_fast_model(model: Any, state: Any, peft_config: Any) -> tuple[Any, Any]:
@@ -163,8 +212,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         return model, None
 
     # ------------------------------------------------------------------ rollouts
-    def _rollout_seed(self, call: int, group: int) -> int:
-        key = f"{self.args.seed}/{self.state.global_step}/{call}/{group}".encode()
+    def _rollout_seed(self, call: int, group: int, step: int | None = None) -> int:
+        step = self.state.global_step if step is None else step
+        key = f"{self.args.seed}/{step}/{call}/{group}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little") & 0x3FFFFFFF
 
     def _sampling_params(self, n: int, seed: int) -> Any:
@@ -192,31 +242,19 @@ class GRPOTrainer(trl.GRPOTrainer):
                                                  has_tool_images)
         if images is not None or multimodal_fields or has_tool_images:
             raise NotImplementedError("the colocated engine generates from text prompts only (no images)")
+        if self._overlap is not None and self.model.training:
+            return self._overlapped_rollout(prompt_ids, num_generations)
         if self.state.global_step != self._seed_step:
             self._seed_step, self._seed_calls = self.state.global_step, 0
         call = self._seed_calls
         self._seed_calls += 1
-        max_len = self._engine_state.engine.spec.max_model_len
-        longest = max((len(p) for p in prompt_ids), default=0)
-        if longest >= max_len:
-            raise ValueError(f"a prompt has {longest} tokens but the engine's max_seq_length is {max_len}; "
-                             "load the model with a larger max_seq_length or shorten the prompts")
-        groups = _group_runs(prompt_ids, num_generations)
-        params = [self._sampling_params(n, self._rollout_seed(call, g)) for g, (_, n) in enumerate(groups)]
+        batch = self._engine_batch(prompt_ids, num_generations, self.state.global_step, call)
         live = self._engine_state.live
         updates = live.updates
         t0 = time.perf_counter()
-        outputs = self._fast_model.fast_generate([p for p, _ in groups], sampling_params=params)
+        outputs = self._fast_model.fast_generate(batch.prompts, sampling_params=batch.params)
         seconds = time.perf_counter() - t0
-        completion_ids: list[list[int]] = []
-        logprobs: list[list[float | None]] = []
-        for output, (_, n) in zip(outputs, groups, strict=True):
-            samples = sorted(output.outputs, key=lambda c: c.index)
-            if len(samples) != n:
-                raise RuntimeError(f"the engine returned {len(samples)} completions for a prompt, not {n}")
-            for sample in samples:
-                completion_ids.append(list(sample.token_ids))
-                logprobs.append(_sampled_logprobs(sample))
+        completion_ids, logprobs = self._unpack(outputs, batch)
         mode = "train" if self.model.training else "eval"
         tokens = sum(len(c) for c in completion_ids)
         self._metrics[mode]["rollout/tokens_per_s"].append(tokens / max(seconds, 1e-9))
@@ -224,6 +262,56 @@ class GRPOTrainer(trl.GRPOTrainer):
         swap_ms = live.last_update_ms if live.updates > updates else 0.0  # 0: adapter unchanged
         self._metrics[mode]["rollout/adapter_swap_ms"].append(swap_ms)
         self._metrics[mode]["rollout/adapter_version"].append(float(live.version + self._version_offset))
+        return completion_ids, logprobs
+
+    def _engine_batch(self, prompt_ids: Any, num_generations: int, step: int, call: int) -> EngineBatch:
+        """The engine requests for ``prompt_ids``, seeded for global step ``step``."""
+        max_len = self._engine_state.engine.spec.max_model_len
+        longest = max((len(p) for p in prompt_ids), default=0)
+        if longest >= max_len:
+            raise ValueError(f"a prompt has {longest} tokens but the engine's max_seq_length is {max_len}; "
+                             "load the model with a larger max_seq_length or shorten the prompts")
+        groups = _group_runs(prompt_ids, num_generations)
+        params = [self._sampling_params(n, self._rollout_seed(call, g, step)) for g, (_, n) in enumerate(groups)]
+        return EngineBatch([list(p) for p in prompt_ids], [p for p, _ in groups], [n for _, n in groups], params)
+
+    def _lookahead_batch(self, inputs: list[dict[str, Any]], step: int) -> EngineBatch:
+        """Overlap: the engine requests for a data-loader item that global step ``step`` will train on,
+        tokenised as TRL's ``_generate`` will tokenise it then."""
+        prompt_ids, images, multimodal_fields = self._tokenize_prompts(copy.deepcopy([x["prompt"] for x in inputs]))
+        if images is not None or multimodal_fields:
+            raise NotImplementedError("the colocated engine generates from text prompts only (no images)")
+        return self._engine_batch(prompt_ids, self.num_generations, step, call=0)
+
+    def _overlapped_rollout(self, prompt_ids: Any, num_generations: int) -> tuple[list[list[int]], list[Any]]:
+        assert self._overlap is not None
+        step = self.state.global_step
+        batch = self._engine_batch(prompt_ids, num_generations, step, call=0)
+        outputs, record = self._overlap.rollout(batch, step, self.state.max_steps)
+        completion_ids, logprobs = self._unpack(outputs, batch)
+        metrics = self._metrics["train"]
+        metrics["rollout/tokens_per_s"].append(sum(len(c) for c in completion_ids) / max(record.generate_seconds, 1e-9))
+        metrics["rollout/seconds"].append(record.generate_seconds)
+        metrics["rollout/wait_seconds"].append(record.wait_seconds)
+        metrics["rollout/adapter_swap_ms"].append(self._overlap.last_swap_ms)
+        metrics["rollout/adapter_version"].append(float(record.adapter_version))
+        metrics["rollout/policy_step"].append(float(record.policy_step))
+        metrics["rollout/staleness"].append(float(record.staleness))
+        self._log_completion_extra("adapter_version", record.sample_versions)  # per sample, in the completions table
+        return completion_ids, logprobs
+
+    @staticmethod
+    def _unpack(outputs: list[Any], batch: EngineBatch) -> tuple[list[list[int]], list[list[float | None]]]:
+        """Completion ids and sampled-token logprobs in TRL's order (each group's samples by index)."""
+        completion_ids: list[list[int]] = []
+        logprobs: list[list[float | None]] = []
+        for output, n in zip(outputs, batch.counts, strict=True):
+            samples = sorted(output.outputs, key=lambda c: c.index)
+            if len(samples) != n:
+                raise RuntimeError(f"the engine returned {len(samples)} completions for a prompt, not {n}")
+            for sample in samples:
+                completion_ids.append(list(sample.token_ids))
+                logprobs.append(_sampled_logprobs(sample))
         return completion_ids, logprobs
 
     # ------------------------------------------------------------------ rewards

@@ -1,9 +1,10 @@
-"""trainserve's integer formats (``load_in_4bit``, ``load_in_8bit``): Marlin-layout views of the engine.
+"""trainserve's integer formats (``load_in_4bit``, ``load_in_8bit``): views of the engine's packed layers.
 
 The engine's layers quantised by :mod:`trainserve.engine.quant_method` hold ``qweight``,
-``scales`` and ``qzeros`` for the whole fused layer; each projection of the trainer is a column
-range of them (:func:`trainserve.kernels.marlin_layout.column_slice`), so q/k/v and gate/up keep
-one copy and a fused group still dequantises in one launch.
+``scales`` and ``qzeros`` for the whole fused layer, in Marlin's layout or (4-bit on Hopper)
+Machete's; each projection of the trainer is a column range of them
+(:func:`trainserve.kernels.marlin_layout.column_slice`, or a block offset into the Machete
+tensors), so q/k/v and gate/up keep one copy and a fused group still dequantises in one launch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from trainserve.engine.quant_method import layer_format, layer_tensors
+from trainserve.kernels.machete_dequant import MacheteQuantState, MacheteTensors
 from trainserve.kernels.marlin_dequant import MarlinQuantState
 from trainserve.weights.packed_linear import PackedLinear, no_engine_statistics, packed_statistics
 
@@ -32,8 +34,12 @@ def shard_modules(engine_linear: nn.Module, sizes: list[int], compute_dtype: tor
         raise RuntimeError(f"engine layer has {n_total} outputs, the model expects {sizes}")
     modules, n0 = [], 0
     for size in sizes:
-        state = MarlinQuantState(parent, fmt, n0, n0 + size, k, engine_linear.scales.dtype)
-        modules.append(PackedLinear(state, state.view.qweight))
+        if isinstance(parent, MacheteTensors):
+            state = MacheteQuantState(parent, n0, n0 + size, engine_linear.scales.dtype)
+            modules.append(PackedLinear(state, state.storage()))
+        else:
+            state = MarlinQuantState(parent, fmt, n0, n0 + size, k, engine_linear.scales.dtype)
+            modules.append(PackedLinear(state, state.view.qweight))
         n0 += size
     return modules
 

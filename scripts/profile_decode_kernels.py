@@ -1,0 +1,150 @@
+"""Where the GPU time of a rollout goes: CUDA kernel time by category, with and without the live adapter.
+
+Issue 11 asks for 4-bit rollouts at 1.5× bf16. A GRPO rollout (batch 64, 256 new tokens) spends
+most of its steps in decode, and what bounds a decode step is not obvious: the base GEMMs (what a
+quantised format speeds up), vLLM's LoRA kernels (punica shrink/expand, launched per module and
+per layer), attention, sampling, or idle GPU time while the CPU prepares the next step. This
+script loads one trainserve format, trains one step so the live adapter is non-zero, and
+profiles one rollout with ``torch.profiler`` (CUPTI records the kernels inside vLLM's CUDA graphs
+too), once with the live adapter and once inside ``disable_adapter()`` (the base model).
+
+    python -P scripts/profile_decode_kernels.py --shape 7b --formats int4 bf16 fp8 --out /tmp/prof.json
+
+Prints a table per run: kernel category → GPU ms per decode step and share of the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rollout import ALL7, TS_FORMATS, _prompts, _train_step  # noqa: E402
+
+# First match wins; names are lower-cased kernel names.
+CATEGORIES = [
+    ("lora", ("lora", "sgmv", "bgmv", "shrink", "expand", "punica")),
+    ("attention", ("flash", "fmha", "attention", "paged", "reshape_and_cache")),
+    ("base_gemm", ("marlin", "machete", "gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "fp8", "scaled_mm")),
+    ("norm_act_rope", ("rms", "norm", "silu", "act_and_mul", "rotary", "rope")),
+    ("sampling", ("sample", "softmax", "topk", "top_k", "argmax", "gumbel", "exponential", "log_softmax")),
+]
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def _profile(fn) -> tuple[float, dict, list]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    by_cat: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+        by_cat[_category(evt.name)] = by_cat.get(_category(evt.name), 0.0) + us
+        kernels[evt.name] = kernels.get(evt.name, 0.0) + us
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    return wall, by_cat, top
+
+
+def run_format(a, fmt: str) -> dict:
+    import torch
+    from vllm import SamplingParams
+
+    from trainserve import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(a.path, max_seq_length=a.max_len, fast_inference=True,
+                                                 gpu_memory_utilization=a.util, max_lora_rank=a.rank,
+                                                 **TS_FORMATS[fmt])
+    free, total = torch.cuda.mem_get_info()
+    load = {"device_used_after_load_gib": round((total - free) / 2**30, 2),
+            "torch_allocated_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+            "torch_max_allocated_during_load_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    model = FastLanguageModel.get_peft_model(model, r=a.rank, lora_alpha=2 * a.rank, target_modules=ALL7)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    _train_step(model, opt)
+    prompts = _prompts(a.batch, a.prompt_len)
+    sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
+    model.fast_generate(prompts[:8], sampling_params=sp)
+    out = {"format": fmt, **load}
+    for mode in ("live_adapter", "base"):
+        def gen(mode=mode):
+            if mode == "base":
+                with model.disable_adapter():
+                    return model.fast_generate(prompts, sampling_params=sp)
+            return model.fast_generate(prompts, sampling_params=sp)
+
+        gen()  # warm (CUDA graphs for this batch size)
+        t = time.perf_counter()
+        gen()
+        torch.cuda.synchronize()
+        plain_wall = time.perf_counter() - t
+        wall, by_cat, top = _profile(gen)
+        steps = a.new_tokens
+        out[mode] = {
+            "wall_s_unprofiled": round(plain_wall, 3), "wall_s_profiled": round(wall, 3),
+            "tok_s_unprofiled": round(a.batch * a.new_tokens / plain_wall, 1),
+            "gpu_ms_per_step": {k: round(v / 1e3 / steps, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "gpu_busy_share": round(sum(by_cat.values()) / 1e6 / wall, 3),
+            "wall_ms_per_step": round(wall * 1e3 / steps, 3),
+            "top_kernels_ms": [(n[:120], round(us / 1e3, 2)) for n, us in top],
+        }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="7b")
+    p.add_argument("--path")
+    p.add_argument("--formats", nargs="+", default=["int4", "bf16"], choices=sorted(TS_FORMATS))
+    p.add_argument("--format", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--util", type=float, default=0.5)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--out")
+    a = p.parse_args()
+    if a.path is None:
+        from trainserve.random_model import random_qwen2
+
+        a.path = random_qwen2(a.shape, f"/tmp/trainserve-random-qwen2-{a.shape}")
+    if a.format:
+        print("RESULT " + json.dumps(run_format(a, a.format)), flush=True)
+        return
+    results = []
+    for fmt in a.formats:  # one process per format: each engine owns the GPU alone
+        cmd = [sys.executable, "-P", __file__, "--format", fmt, "--path", a.path,
+               *[x for x in sys.argv[1:]]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
+        res = json.loads(line[7:]) if line else {"format": fmt, "error": (proc.stderr or proc.stdout)[-3000:]}
+        results.append(res)
+        print(json.dumps(res, indent=1)[:6000], flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"command": " ".join(["python", *sys.argv]), "shape": a.shape, "batch": a.batch,
+                       "new_tokens": a.new_tokens, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -113,7 +113,9 @@ def check_prepacked(prepacked: torch.Tensor, words_kn: torch.Tensor, layout: Mac
     says, for the first and last block column (cheap, and it pins the block order at this shape)."""
     k, n = words_kn.shape[0] * 8, words_kn.shape[1]
     cols = torch.cat([torch.arange(BLOCK_N), torch.arange(n - BLOCK_N, n)]).to(words_kn.device)
-    got = _nibbles(prepacked)[layout.offsets(k, n, words_kn.device, columns=cols)]
+    pos = layout.offsets(k, n, words_kn.device, columns=cols)
+    # gather just those words (expanding the whole tensor to 4-bit values would take ~2 bytes per weight)
+    got = (prepacked.reshape(-1)[pos // 8] >> ((pos % 8) * 4).to(torch.int32)) & 15
     shifts = (torch.arange(8, device=words_kn.device, dtype=torch.int32) * 4)[None, :, None]
     want = ((words_kn[:, cols][:, None, :] >> shifts) & 15).reshape(k, -1)
     if not torch.equal(got.to(torch.int32), want.to(torch.int32)):

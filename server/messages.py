@@ -20,6 +20,8 @@ from typing import Any
 from trainserve.server.errors import bad_request
 
 MAX_TOOL_CALLS = 128  # per assistant message (OpenAI allows at most 128 tools in a request)
+# characters of one earlier call's ``function.arguments`` string: parsed before the prompt length is known
+MAX_TOOL_ARGUMENTS = 1 << 20
 # the kinds of content part OpenAI and vLLM accept besides text, by the name used in the error
 _MEDIA_PARTS = {"image_url": "image", "image": "image", "input_image": "image", "input_audio": "audio",
                 "audio_url": "audio", "video_url": "video", "file": "file"}
@@ -73,12 +75,16 @@ def _arguments(value: str | dict[str, Any], param: str) -> dict[str, Any]:
     """``function.arguments`` as the dict chat templates render (vLLM: ``""`` means ``{}``)."""
     if isinstance(value, dict):
         return value
+    if len(value) > MAX_TOOL_ARGUMENTS:
+        raise bad_request(f"{param} is longer than {MAX_TOOL_ARGUMENTS} characters", param=param)
     if not value.strip():
         return {}
     try:
         parsed = json.loads(value)
     except ValueError as exc:
         raise bad_request(f"{param} is not valid JSON ({exc})", param=param) from exc
+    except RecursionError as exc:  # "[[[[..." deeper than Python's recursion limit: not a ValueError
+        raise bad_request(f"{param} is nested too deeply to parse as JSON", param=param) from exc
     if not isinstance(parsed, dict):
         raise bad_request(f"{param} must be a JSON object, got {type(parsed).__name__}", param=param)
     return parsed
@@ -102,8 +108,9 @@ def conversation(messages: list[Any]) -> tuple[list[dict[str, Any]], int]:
 
     400s (naming ``messages.<i>.<field>``): ``tool_calls`` on a message that is not the assistant's,
     more than :data:`MAX_TOOL_CALLS` calls in one message, a call id used twice, arguments that are not
-    a JSON object, a tool message without content or ``tool_call_id``, a ``tool_call_id`` that no
-    earlier assistant tool call has (or that was answered already), ``tool_call_id`` on another role.
+    a JSON object (or nested too deeply for Python's parser, or longer than :data:`MAX_TOOL_ARGUMENTS`), a
+    tool message without content or ``tool_call_id``, a ``tool_call_id`` that no earlier assistant tool
+    call has (or that was answered already), ``tool_call_id`` on another role.
     """
     out: list[dict[str, Any]] = []
     answered: dict[str, bool] = {}  # tool call id → answered by a tool message yet

@@ -14,9 +14,10 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from trainserve.server.errors import bad_request
-from trainserve.server.messages import check_raw_messages, conversation
+from trainserve.server.message_schemas import ChatMessage, StrictModel, check_messages
+from trainserve.server.messages import conversation
 
 TokenId = Annotated[int, Field(ge=0)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -73,8 +74,6 @@ _WHY.update(
     }
 )
 _LOGIT_BIAS_KEY = re.compile(r"^[0-9]{1,10}$")
-MAX_TOOL_CALL_ID = 256  # characters: OpenAI's ids are ~30, vLLM's ~46
-MAX_TOOL_NAME = 256
 
 
 def _bad_unicode(value: Any, path: str) -> str | None:
@@ -101,24 +100,7 @@ def _bad_unicode(value: Any, path: str) -> str | None:
     return None
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        """``"n": null`` is ``n``'s default (OpenAI and vLLM accept explicit nulls)."""
-        if not isinstance(data, dict):
-            return data
-        fields = cls.model_fields
-        return {
-            k: v
-            for k, v in data.items()
-            if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is not None)
-        }
-
-
-class _Request(_Strict):
+class _Request(StrictModel):
     """A whole request body: checked for invalid Unicode before anything else reads it."""
 
     @model_validator(mode="before")
@@ -132,12 +114,12 @@ class _Request(_Strict):
         return data
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(StrictModel):
     """OpenAI's ``response_format.json_schema``."""
 
     name: str
@@ -146,7 +128,7 @@ class JsonSchemaFormat(_Strict):
     strict: bool | None = None  # the schema is always enforced (a grammar), strict or not
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -166,7 +148,7 @@ class ResponseFormat(_Strict):
         return self
 
 
-class StructuredOutputs(_Strict):
+class StructuredOutputs(StrictModel):
     """vLLM's ``structured_outputs``: exactly one constraint, enforced by vLLM's structured-output
     backend. vLLM's per-request ``disable_any_whitespace``, ``disable_additional_properties`` and
     ``whitespace_pattern`` are not accepted: its backends read those from the server's settings,
@@ -277,45 +259,6 @@ class CompletionRequest(SamplingFields):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's extra: per-prompt-token logprobs
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(_Strict):
-    """An earlier tool call's function: ``arguments`` a JSON string (OpenAI) or an object (vLLM)."""
-
-    name: str = Field(min_length=1, max_length=MAX_TOOL_NAME)
-    arguments: str | dict[str, Any]
-
-
-class ToolCall(_Strict):
-    """One of an assistant message's ``tool_calls`` (see ``messages.conversation`` for the checks)."""
-
-    id: str = Field(min_length=1, max_length=MAX_TOOL_CALL_ID)
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None  # assistant messages only
-    tool_call_id: str | None = Field(None, max_length=MAX_TOOL_CALL_ID)  # tool messages only
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
-
-
-def _check_messages(data: Any) -> Any:
-    return check_raw_messages(data, set(ChatMessage.model_fields))
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -333,7 +276,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _unsupported_message_parts(cls, data: Any) -> Any:
-        return _check_messages(data)
+        return check_messages(data)
 
     @model_validator(mode="after")
     def _tool_turns(self) -> ChatCompletionRequest:
@@ -385,7 +328,7 @@ class TokenizeRequest(_Request):
     @model_validator(mode="before")
     @classmethod
     def _unsupported_message_parts(cls, data: Any) -> Any:
-        return _check_messages(data)
+        return check_messages(data)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TokenizeRequest:

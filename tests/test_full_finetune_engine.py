@@ -8,6 +8,7 @@ The module shuts its engine down at the end: full fine-tuning changed the engine
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -130,14 +131,23 @@ def test_requests_in_flight_continue_on_the_new_weights_after_a_step(full):
     def on_output(output) -> None:
         if not isinstance(output, BaseException) and len(output.outputs[0].token_ids) >= 3:
             seen.set()
+            time.sleep(0.02)  # pace the rest of the generation so the step lands inside it, even on a busy CPU
 
     from vllm.inputs import TokensPrompt
 
+    # Forward and backward first, so only the optimizer step itself races the generation (on a busy
+    # CPU a whole training step could outlast the 40 tokens).
+    ids = torch.tensor([tok("Paris is the capital of France. " * 4).input_ids])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
     loop.start_background()
     try:
         stream = loop.submit(TokensPrompt(prompt_token_ids=prompt), _params(n, ignore_eos=True), on_output=on_output)
         assert seen.wait(60)
-        _step(model, tok)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         out = stream.result(120).outputs[0]
     finally:
         loop.stop_background()
@@ -163,3 +173,96 @@ def test_the_changed_engine_is_not_reused_by_a_later_load(full):
     _step(model, tok)
     with pytest.raises(RuntimeError, match="changed by full fine-tuning"):
         load_tiny_fast(full_finetuning=True)
+
+
+class _FailingOptimizer(torch.optim.Optimizer):
+    """Writes its update, then raises when ``fail`` is set (as a step failing half-way would)."""
+
+    def __init__(self, params, fail: bool):
+        super().__init__(params, {"lr": 1e-3})
+        self.fail = fail
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(1 - group["lr"])
+        if self.fail:
+            raise RuntimeError("the step failed")
+
+
+def test_a_step_that_raises_does_not_leave_the_engine_held(full):
+    """A failing optimizer step (its first, or a later one through ``optimizer.step``) releases the
+    engine loop: the background loop and generation from another thread go on, from new KV."""
+    import sys
+    import warnings
+
+    from trainserve.model_api import state_of
+
+    model, tok = full
+    state = state_of(model)
+    loop, live = state.engine.loop, state.live_base
+    params = [model.model.norm.weight]
+
+    def generate_in_another_thread() -> list:
+        result: list = []
+        worker = threading.Thread(target=lambda: result.append(model.fast_generate(["x"], sampling_params=_params(2))))
+        worker.start()
+        worker.join(60)
+        return result
+
+    loop.start_background()
+    try:
+        for first_step_fails in (True, False):
+            opt = _FailingOptimizer(params, fail=first_step_fails)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # wraps opt.step before ours
+            if not first_step_fails:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # no "optimizer.step() has been overridden" warning
+                    opt.step()
+                    sched.step()
+                opt.fail = True
+            resets = live.invalidations
+            with pytest.raises(RuntimeError, match="the step failed"):
+                opt.step()
+            assert loop.call(lambda: "free", timeout=30) == "free"  # the engine loop thread is not blocked
+            assert sys.getprofile() is None  # the first step's watch (LiveBase.guard) is gone
+            assert live.invalidations == resets + 1  # the half-written step's KV is not reused
+            assert len(generate_in_another_thread()) == 1
+    finally:
+        live._release()  # only does anything when the test failed: unblock the loop thread
+        loop.stop_background()
+    prompt = tok(LONG + " after a failed step").input_ids
+    tokens, lp = _engine(model, prompt)
+    assert lp == pytest.approx(_trainer_logprobs(model, prompt, tokens), abs=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(target_modules=["q_proj", "embed_tokens"])])
+def test_get_peft_model_on_the_live_full_finetuning_model_is_refused(full, kwargs):
+    """Full fine-tuning already trains every engine weight in place: a LoRA adapter (and its live
+    engine slot) on top is refused, without telling the user to use full_finetuning=True."""
+    from trainserve import FastLanguageModel
+    from trainserve.model_api import state_of
+
+    model, _ = full
+    with pytest.raises(ValueError, match="full_finetuning=True and fast_inference=True.*cannot be added") as err:
+        FastLanguageModel.get_peft_model(model, r=8, **kwargs)
+    assert "use full_finetuning=True" not in str(err.value)
+    assert not hasattr(model, "peft_config") and state_of(model).live is None
+
+
+def test_the_cache_reset_goes_through_vllm_compat(full, monkeypatch):
+    """Private vLLM access lives in trainserve/engine/vllm_compat.py only: the step's reset uses it."""
+    from trainserve.engine import vllm_compat
+
+    model, tok = full
+    calls = []
+    real = vllm_compat.reset_prefix_cache
+
+    def recording(llm, running=False):
+        calls.append(running)
+        return real(llm, running=running)
+
+    monkeypatch.setattr(vllm_compat, "reset_prefix_cache", recording)
+    _step(model, tok)
+    assert calls == [True]

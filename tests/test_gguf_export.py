@@ -19,7 +19,7 @@ import transformers
 from helpers import sft
 from model_variants import tiny_llama, tiny_mistral, tiny_qwen2_with, tiny_qwen3
 
-from trainserve import FastLanguageModel, tiny_model
+from trainserve import FastLanguageModel, gguf_export, tiny_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -114,6 +114,9 @@ def test_gguf_round_trip_gives_the_trained_model(tmp_path, paths, arch, kind, to
     assert field(f"{arch}.context_length") == config.max_position_embeddings
     assert field(f"{arch}.rope.freq_base") == pytest.approx(config.rope_parameters["rope_theta"])
     assert field("tokenizer.ggml.model") == "gpt2"
+    # transformers loads the tiny Qwen2's tokenizer as Qwen2Tokenizer (Qwen2's pre-tokenizer); the Llama and
+    # Qwen3 copies keep the tiny tokenizer.json's plain GPT-2 byte-level splitting, whatever the architecture
+    assert field("tokenizer.ggml.pre") == {"qwen2": "qwen2", "llama": "gpt-2", "qwen3": "gpt-2"}[arch]
     tokens = field("tokenizer.ggml.tokens")
     vocab = tok.get_vocab()
     assert len(tokens) == config.vocab_size and all(tokens[i] == t for t, i in vocab.items())
@@ -146,3 +149,69 @@ def test_gguf_refusals_say_what_to_do(tmp_path) -> None:
     with pytest.raises(NotImplementedError, match="convert_hf_to_gguf.py"):
         mistral.save_pretrained_gguf(tmp_path / "m", mtok, quantization_method="f16")
     assert not list(tmp_path.glob("**/*.gguf"))  # nothing half-written
+
+
+def _with_pre_tokenizer(out: Path, normalizer, pre_tokenizer):
+    """The tiny tokenizer with its tokenizer.json normalizer and pre-tokenizer replaced."""
+    tok_json = json.loads(Path(tiny_model(), "tokenizer.json").read_text())
+    tok_json["normalizer"], tok_json["pre_tokenizer"] = normalizer, pre_tokenizer
+    out.mkdir(parents=True)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if Path(tiny_model(), name).exists():
+            (out / name).write_text(Path(tiny_model(), name).read_text())
+    (out / "tokenizer.json").write_text(json.dumps(tok_json))
+    return transformers.AutoTokenizer.from_pretrained(out)
+
+
+def _split_bytes(regex: str, trim_offsets: bool) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": trim_offsets, "use_regex": False}]}
+
+
+def test_gguf_pre_tokenizer_is_read_from_the_tokenizer(tmp_path, monkeypatch) -> None:
+    """Qwen2's and Llama-3's pre-tokenizers (the regexes as transformers ships them, not this module's copies)
+    are named as llama.cpp names them; one changed character of the regex, or a missing normalizer, is refused
+    before anything is merged or written."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    qwen2 = json.loads(transformers.models.qwen2.tokenization_qwen2.Qwen2Tokenizer(
+        vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]).backend_tokenizer.to_str())
+    assert gguf_export.pre_tokenizer_name(qwen2) == "qwen2"
+    llama3 = _split_bytes(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"], trim_offsets=True)
+    assert gguf_export.pre_tokenizer_name({"normalizer": None, "pre_tokenizer": llama3}) == "llama-bpe"
+
+    model, _ = FastLanguageModel.from_pretrained(tiny_model(), **NO_ENGINE)
+    ok = _with_pre_tokenizer(tmp_path / "qwen2-tok", {"type": "NFC"}, _split_bytes(PRETOKENIZE_REGEX, False))
+    reader = gguf.GGUFReader(model.save_pretrained_gguf(tmp_path / "ok", ok, quantization_method="f16"))
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+
+    monkeypatch.setattr(gguf_export, "merged_state_dict", lambda *a, **k: pytest.fail("merged before refusing"))
+    digits = PRETOKENIZE_REGEX.replace(r"\p{N}|", r"\p{N}{1,2}|")
+    assert digits != PRETOKENIZE_REGEX
+    for name, normalizer, pre in [("regex", {"type": "NFC"}, _split_bytes(digits, False)),
+                                  ("normalizer", None, _split_bytes(PRETOKENIZE_REGEX, False)),
+                                  ("digits", None, {"type": "Sequence", "pretokenizers": [
+                                      {"type": "Digits", "individual_digits": True},
+                                      {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                       "use_regex": True}]})]:
+        tok = _with_pre_tokenizer(tmp_path / f"{name}-tok", normalizer, pre)
+        with pytest.raises(NotImplementedError, match="pre-tokenizer.*convert_hf_to_gguf.py"):
+            model.save_pretrained_gguf(tmp_path / name, tok, quantization_method="f16")
+        assert not (tmp_path / name).exists()
+
+
+def test_gguf_refuses_before_merging_or_creating_the_directory(tmp_path, monkeypatch) -> None:
+    """A config or tokenizer the writer refuses costs no fp32 merge of the model and leaves no directory."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    model, tok = FastLanguageModel.from_pretrained(tiny_llama(tmp_path / "llama3", rope=rope), **NO_ENGINE)
+    monkeypatch.setattr(gguf_export, "merged_state_dict", lambda *a, **k: pytest.fail("merged before refusing"))
+    with pytest.raises(NotImplementedError, match="RoPE type 'llama3'"):
+        model.save_pretrained_gguf(tmp_path / "out" / "rope", tok, quantization_method="f16")
+    small, small_tok = FastLanguageModel.from_pretrained(tiny_model(), **NO_ENGINE)
+    small.config.vocab_size = 8  # fewer rows than the tokenizer's tokens
+    with pytest.raises(ValueError, match="more than the model's vocab_size 8"):
+        small.save_pretrained_gguf(tmp_path / "out" / "vocab", small_tok, quantization_method="f16")
+    assert not (tmp_path / "out").exists()

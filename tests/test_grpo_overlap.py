@@ -144,6 +144,118 @@ def test_a_failing_step_aborts_the_batch_generated_ahead(tmp_path):
     assert len(out[0].outputs[0].token_ids) == 2  # the engine still serves
 
 
+@pytest.mark.engine
+def test_a_failed_wait_aborts_the_batch_it_was_waiting_for(monkeypatch):
+    """Ctrl-C (or a dead engine loop) while rollout() waits: the batch it waited for is aborted, not left
+    running for the session's drain to wait out."""
+    from vllm import SamplingParams
+
+    from trainserve.engine.loop import RequestAborted
+    from trainserve.model_api import state_of
+    from trainserve.rl.overlap import EngineBatch, OneStepOff
+
+    model, _ = _model()
+    state = state_of(model)
+    loop = state.engine.loop
+    overlap = OneStepOff(state.engine, state.live, lambda inputs, step: pytest.fail("no look-ahead here"),
+                         lambda: 0)
+    submitted = []
+    submit = overlap._submit
+    monkeypatch.setattr(overlap, "_submit", lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1])
+
+    def interrupted(pending):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(overlap, "_collect", interrupted)
+    # Long enough (200 tokens each, no EOS) that it cannot have finished by itself when the wait fails.
+    params = [SamplingParams(max_tokens=200, ignore_eos=True, n=4, seed=s) for s in range(4)]
+    batch = EngineBatch(prompt_ids=[[1, 2, 3]] * 16, prompts=[[1, 2, 3]] * 4, counts=[4] * 4, params=params)
+    with pytest.raises(KeyboardInterrupt), overlap.session():
+        overlap.rollout(batch, step=0, max_steps=1)
+    assert len(submitted) == 1 and not loop.background and loop.num_unfinished == 0
+    for stream in submitted[0].streams:
+        with pytest.raises(RequestAborted):
+            stream.result(timeout=1)
+
+
+def test_a_slot_write_waits_for_the_stream_that_produced_the_adapter(monkeypatch):
+    """CUDA ordering of the live adapter's slot writes, with a fake per-thread stream API (no GPU here):
+    the event is recorded on the caller's stream, and a writer on another stream waits on it; the same
+    stream or CPU tensors need no wait."""
+    import threading
+    from types import SimpleNamespace
+
+    from trainserve.engine import live_adapter
+
+    log, current = [], threading.local()
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.device = name, "cuda:0"
+
+        def wait_event(self, event):
+            log.append(("wait", self.name, event.recorded_on))
+
+    class Event:
+        def record(self, stream):
+            self.recorded_on = stream.name
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current.stream)
+    current.stream = Stream("trainer")
+    mark = live_adapter._producer_mark(SimpleNamespace(is_cuda=True, device="cuda:0"))
+    assert live_adapter._producer_mark(torch.zeros(1)) is None  # CPU: nothing to order
+
+    def engine_thread():
+        current.stream = Stream("engine")
+        live_adapter._wait_for(mark)
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join()
+    assert log == [("wait", "engine", "trainer")]
+    live_adapter._wait_for(mark)  # the trainer's own stream: already in order
+    live_adapter._wait_for(None)
+    assert log == [("wait", "engine", "trainer")]
+
+
+@pytest.mark.engine
+def test_every_slot_write_waits_for_the_callers_stream_first(monkeypatch):
+    """sync_request (eval rollouts, fast_generate from callbacks) and published_request mark the caller's
+    stream in the caller's thread, and the engine thread waits on that mark before it copies into a slot."""
+    import threading
+
+    from trainserve.engine import live_adapter
+    from trainserve.model_api import state_of
+
+    model, _ = _model()
+    state = state_of(model)
+    live, loop = state.live, state.engine.loop
+    log = []
+    monkeypatch.setattr(live_adapter, "_producer_mark",
+                        lambda tensor: log.append(("mark", threading.current_thread().name)) or ("mark",))
+    monkeypatch.setattr(live_adapter, "_wait_for",
+                        lambda mark: log.append(("wait", mark, threading.current_thread().name)))
+    copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda *a, **k: log.append(("copy",)) or copy(*a, **k))
+    caller = threading.current_thread().name
+    loop.start_background()
+    try:
+        for publish in (False, True):
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.01)
+            log.clear()
+            if publish:
+                live.publish()
+                live.published_request()
+            else:
+                live.sync_request()
+            assert [e[:2] for e in log] == [("mark", caller), ("wait", ("mark",)), ("copy",), ("copy",)], log
+            assert log[1][2] != caller, log  # waited in the engine loop's thread, which does the copy
+    finally:
+        loop.stop_background(drain=True)
+
+
 def _no_tool(x: str) -> str:
     """A tool."""
     return x
@@ -166,6 +278,24 @@ def test_settings_that_cannot_overlap_are_refused_by_name(tmp_path, setting, kwa
     with pytest.raises(ValueError, match=setting):
         GRPOTrainer(model=model, reward_funcs=[letters], args=_args(tmp_path, **kwargs), train_dataset=toy_dataset(8),
                     processing_class=tok, overlap=True, **trainer_kwargs)
+
+
+def test_overlap_refuses_when_vllm_hides_its_logprobs_mode():
+    """The logprobs-mode check goes through vllm_compat: a vLLM without model_config.logprobs_mode is
+    reported as changed internals, not silently taken for raw logprobs."""
+    from types import SimpleNamespace
+
+    from trainserve.engine.vllm_compat import VLLMInternalsChanged
+    from trainserve.rl.overlap_checks import check_overlap
+
+    args = SimpleNamespace(num_iterations=1, vllm_importance_sampling_correction=True, loss_type="grpo",
+                           vllm_importance_sampling_mode="token_truncate", steps_per_generation=1,
+                           gradient_accumulation_steps=1, generation_kwargs=None, temperature=1.0)
+    engine = SimpleNamespace(llm=SimpleNamespace(llm_engine=SimpleNamespace(model_config=SimpleNamespace())))
+    with pytest.raises(VLLMInternalsChanged, match="logprobs_mode"):
+        check_overlap(args, SimpleNamespace(live_base=None, engine=engine))
+    engine.llm.llm_engine.model_config.logprobs_mode = "processed_logprobs"
+    check_overlap(args, SimpleNamespace(live_base=None, engine=engine))
 
 
 def test_overlap_without_a_colocated_engine_is_refused(tmp_path):

@@ -114,3 +114,50 @@ def test_new_tokens_train_save_reload_and_are_served_from_the_merged_checkpoint(
         assert [d[t].logprob for t, d in zip(out.token_ids, out.logprobs, strict=True)] == pytest.approx(want, abs=1e-4)
     finally:
         shutdown_engine()
+
+
+def test_new_tokens_in_existing_padding_rows_are_initialised():
+    """A checkpoint's embedding has more rows than its tokenizer (Qwen2: 151,936 for 151,665 tokens):
+    the new ids land in padding rows, which must get the mean/interpolation start, not keep zeros."""
+    model, tok = _load(tiny_model())
+    n = len(tok)
+    model.resize_token_embeddings(n + 64, mean_resizing=False)
+    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    with torch.no_grad():
+        for weight in matrices.values():
+            weight[n:] = 0
+    old = {k: w.detach()[:n].clone() for k, w in matrices.items()}
+    pieces = {t: tok(t, add_special_tokens=False).input_ids for t in NEW}
+    add_new_tokens(model, tok, NEW)
+    assert len(tok) == n + 3 and model.get_input_embeddings().weight.shape[0] == n + 64  # no resize needed
+    for token in NEW:
+        row = tok.convert_tokens_to_ids(token)
+        assert n <= row < n + 3
+        for key, weight in matrices.items():
+            want = 0.5 * old[key].mean(0) + 0.5 * old[key][pieces[token]].mean(0)
+            assert weight[row].abs().sum() > 0
+            assert torch.allclose(weight[row], want, atol=1e-6)
+    for weight in matrices.values():
+        assert not weight[n + 3:].any()  # padding beyond the tokenizer is left alone
+
+
+@pytest.mark.parametrize("bad", [dict(interpolation=2.0), dict(interpolation="half"), dict(method="random")])
+def test_a_bad_add_new_tokens_call_leaves_the_tokenizer_unchanged(bad):
+    model, tok = _load(tiny_model())
+    n, rows = len(tok), model.get_input_embeddings().weight.shape[0]
+    with pytest.raises((ValueError, NotImplementedError), match=next(iter(bad))):
+        add_new_tokens(model, tok, NEW, **bad)
+    assert len(tok) == n and "<|alpha|>" not in tok.get_vocab()
+    assert model.get_input_embeddings().weight.shape[0] == rows
+
+
+@pytest.mark.parametrize(("size", "message"), [(10, "smaller"), ("600", "must be an integer"), (True, "integer")])
+def test_resize_model_vocab_is_checked_before_the_model_loads(monkeypatch, size, message):
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before resize_model_vocab was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match=f"resize_model_vocab.*{message}|{message}.*resize_model_vocab"):
+        _load(tiny_model(), resize_model_vocab=size)

@@ -180,6 +180,8 @@ HUGE = 100_000  # characters: more than 1024 tokens can hold, less than the 256 
         (_history(_assistant(_call(arguments="[1, 2]"))), "messages.1.tool_calls.0.function.arguments",
          ["must be a JSON object, got list"]),
         (_history(_assistant(_call(arguments=7))), "messages.1.tool_calls.0.function.arguments", []),
+        (_history(_assistant(_call(arguments="[" * HUGE))), "messages.1.tool_calls.0.function.arguments",
+         ["nested too deeply"]),  # json.loads raises RecursionError, not ValueError
         (_history(_assistant(_call(), _call())), "messages.1.tool_calls.1.id", ["used by an earlier tool call"]),
         (_history(_assistant({**_call(), "type": "web_search"})), "messages.1.tool_calls.0.type", []),
         (_history(_assistant(_call("c" * 300))), "messages.1.tool_calls.0.id", []),
@@ -211,6 +213,20 @@ def test_hostile_tool_histories_are_400s_naming_the_field(qwen, messages, param,
             for word in words:
                 assert word in error["message"], (route, error)
         assert http.get("/health").status_code == 200
+
+
+def test_tool_call_arguments_longer_than_the_cap_are_refused_before_parsing(monkeypatch):
+    """The cap (1 MiB by default, under the 8 MiB default body limit) is checked before anything else:
+    even blank arguments (otherwise ``{}``) over it are refused."""
+    from trainserve.server import messages
+    from trainserve.server.errors import APIError
+    from trainserve.server.message_schemas import ChatMessage
+
+    monkeypatch.setattr(messages, "MAX_TOOL_ARGUMENTS", 64)
+    history = [ChatMessage.model_validate(m) for m in _history(_assistant(_call(arguments=" " * 65)))]
+    with pytest.raises(APIError, match="longer than 64 characters") as error:
+        messages.conversation(history)
+    assert error.value.status == 400 and error.value.param == "messages.1.tool_calls.0.function.arguments"
 
 
 def test_a_body_over_the_limit_is_413_and_the_server_keeps_serving(client, qwen):

@@ -114,3 +114,32 @@ def test_with_the_engine_training_embeddings_is_refused_before_training(kwargs):
     with pytest.raises(NotImplementedError, match="modules_to_save.*full_finetuning=True with fast_inference=True"):
         FastLanguageModel.get_peft_model(model, r=8, **kwargs)
     assert not hasattr(model, "peft_config")  # nothing was wrapped
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["embed_tokens", "lm_head"]])
+def test_only_embedding_targets_say_they_are_trained_in_full_and_lora_needs_a_projection(targets):
+    model, _ = _load(tiny_model())
+    with pytest.raises(ValueError, match=r"trained in full, as modules_to_save.*LoRA needs at least one projection"):
+        FastLanguageModel.get_peft_model(model, r=4, target_modules=targets)
+    assert not hasattr(model, "peft_config")
+
+
+def test_the_peft_floor_has_ensure_weight_tying():
+    """``lora_config_arguments`` passes ``LoraConfig(ensure_weight_tying=...)``, new in peft 0.18.0: the
+    declared floor must be at least that (an older peft would fail with a TypeError in LoraConfig)."""
+    import dataclasses
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from peft import LoraConfig
+
+    from trainserve.trainable_modules import lora_config_arguments
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    peft = next(Requirement(d) for d in deps if Requirement(d).name == "peft")
+    floor = min(Version(s.version) for s in peft.specifier if s.operator == ">=")
+    assert floor >= Version("0.18.0"), f"pyproject.toml allows {peft}, but ensure_weight_tying needs peft>=0.18"
+    used = set(lora_config_arguments(type("C", (), {"tie_word_embeddings": True})(), ["embed_tokens"]))
+    assert used <= {f.name for f in dataclasses.fields(LoraConfig)}

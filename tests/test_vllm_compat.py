@@ -71,3 +71,14 @@ def test_quantization_registration_api() -> None:
         assert name in QUANTIZATION_METHODS
         config = get_quantization_config(name)()
         assert config.get_name() == name and config.get_config_filenames() == []
+
+
+def test_prefix_cache_reset_and_logprobs_mode():
+    llm = state_of(load_tiny_fast()[0]).engine.llm
+    assert vllm_compat.reset_prefix_cache(llm) is True
+    assert vllm_compat.reset_prefix_cache(llm, running=True) is True
+    assert vllm_compat.logprobs_mode(llm) in ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
+def test_machete_support_is_refused_off_hopper():
+    assert vllm_compat.machete_unsupported(4096, 4096, 64, torch.bfloat16, torch.device("cpu")) == "not a CUDA device"

@@ -15,6 +15,8 @@ new weights: nothing is copied, no sync call exists. What has to be made correct
 * **Edits outside an optimizer** (``with torch.no_grad(): p.add_(...)``) bump the tensors' version
   counters; ``fast_generate`` checks them and resets the cache too. Fused optimizers do not bump
   those counters, which is why optimizer steps are caught by a global step hook.
+* **A step that raises** (torch then skips the post-hook) still releases the engine loop and
+  resets the cache: ``LiveBase.guard`` says how.
 * **Everything the engine serves moves with the base**: saved adapters (``load_lora``) and any other
   LoRA apply on top of the changed weights, and the engine no longer holds the checkpoint, so a
   later ``from_pretrained`` refuses to reuse it (``Engine.base_modified``).
@@ -22,20 +24,26 @@ new weights: nothing is copied, no sync call exists. What has to be made correct
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
+import types
 import weakref
 from typing import Any
 
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from trainserve.engine import vllm_compat
 from trainserve.engine.optimizer_watch import updates_any
 
+logger = logging.getLogger("trainserve")
 _LIVE_BASES: weakref.WeakSet[LiveBase] = weakref.WeakSet()
 
 
 def _before_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     for live in list(_LIVE_BASES):
         if live.holds(optimizer):
+            live.guard(optimizer, sys._getframe(1))
             live.before_step()
 
 
@@ -60,6 +68,8 @@ class LiveBase:
         self._param_ids = frozenset(id(p) for p in self._params)
         self._optimizers: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
         self._held: threading.Thread | None = None  # the thread holding the engine loop for a step
+        self._guard_token = object()  # marks the optimizer.step wrappers of this LiveBase (see guard)
+        self._local = threading.local()  # .guarded: steps of this thread running through such a wrapper
         self._marker = self._current_marker()
         self.steps = 0  # optimizer steps seen
         self.invalidations = 0  # prefix-cache resets done
@@ -68,6 +78,86 @@ class LiveBase:
     def holds(self, optimizer: Any) -> bool:
         """True when ``optimizer`` updates parameters of this model (cached per optimizer)."""
         return updates_any(self._optimizers, self._param_ids, optimizer)
+
+    def guard(self, optimizer: Any, step_frame: Any) -> None:
+        """Make sure this optimizer step releases the engine loop even if it raises.
+
+        The hold taken by the pre-hook is released by the post-hook, which torch skips when the step
+        raises: the engine loop would stay held by this thread, and a background loop (a server)
+        and every request would wait forever. torch has no hook for a failed step, so:
+
+        * the optimizer's ``step`` is wrapped (once per optimizer) in a ``try`` that, on failure,
+          releases the hold and resets the prefix cache (the step may have written part of the
+          weights). The wrapper is a bound method (LR schedulers read ``step.__func__``) calling the
+          ``step`` it replaced (the class's, or an LR scheduler's own wrapper);
+        * a step not running through that wrapper (the optimizer's first: the global hook only sees
+          an optimizer once it steps) is watched with a one-shot ``sys.setprofile`` on torch's step
+          frame ``step_frame``, whose ``return`` event also comes when it unwinds with an
+          exception. Under another profiler (``sys.getprofile()`` set) it is not watched; its hold
+          is then released by this thread's next optimizer step or ``fast_generate``
+          (:meth:`sync`)."""
+        if getattr(self._local, "guarded", 0):
+            return
+        inner = optimizer.step
+        if getattr(inner, "_trainserve_guard", None) is not self._guard_token:
+            optimizer.step = types.MethodType(self._guarded(inner, optimizer), optimizer)
+        self._watch(step_frame)
+
+    def _guarded(self, inner: Any, optimizer: Any) -> Any:
+        """The ``step`` wrapper of :meth:`guard`, around ``inner`` (``optimizer.step`` before it)."""
+        if isinstance(inner, types.MethodType) and inner.__self__ is optimizer:
+            func = inner.__func__  # the class's step: called unbound, no second reference to the optimizer
+
+            def call_inner(opt: Any, *args: Any, **kwargs: Any) -> Any:
+                return func(opt, *args, **kwargs)
+        else:  # an instance wrapper installed earlier (an LR scheduler's): call it as it is
+            def call_inner(opt: Any, *args: Any, **kwargs: Any) -> Any:
+                return inner(*args, **kwargs)
+        live, local = weakref.ref(self), self._local
+
+        def guarded_step(opt: Any, *args: Any, **kwargs: Any) -> Any:
+            local.guarded = getattr(local, "guarded", 0) + 1
+            try:
+                return call_inner(opt, *args, **kwargs)
+            except BaseException:
+                base = live()
+                if base is not None:
+                    base.abandon_step()
+                raise
+            finally:
+                local.guarded -= 1
+
+        guarded_step._trainserve_guard = self._guard_token  # type: ignore[attr-defined]
+        if getattr(inner, "_wrapped_by_lr_sched", False):  # keeps the scheduler from warning of an override
+            guarded_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        return guarded_step
+
+    def _watch(self, step_frame: Any) -> None:
+        """Release the hold when ``step_frame`` returns or unwinds (see :meth:`guard`)."""
+        if sys.getprofile() is not None:
+            return
+        live = weakref.ref(self)
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if frame is step_frame and event == "return":
+                sys.setprofile(None)
+                base = live()
+                try:
+                    if base is not None:
+                        base.abandon_step()
+                except Exception:  # raising here would replace the step's own exception
+                    logger.exception("full fine-tuning: resetting the prefix cache after a failed step failed")
+
+        sys.setprofile(profile)
+
+    def abandon_step(self) -> None:
+        """An optimizer step raised (its post-hook never ran): reset the cache, let the engine go on."""
+        if self._held is not threading.current_thread():
+            return
+        try:
+            self._invalidate()
+        finally:
+            self._release()
 
     def _current_marker(self) -> tuple[int, ...]:
         return tuple(p._version for p in self._params)
@@ -96,7 +186,7 @@ class LiveBase:
         """Reset the prefix cache. Called with the engine loop held (or from a between-steps job)."""
         self.engine.base_modified = True
         self._marker = self._current_marker()
-        if not self.engine.llm.llm_engine.reset_prefix_cache(reset_running_requests=True):
+        if not vllm_compat.reset_prefix_cache(self.engine.llm, running=True):
             raise RuntimeError("vLLM refused to reset its prefix cache after a full fine-tuning step")
         self.invalidations += 1
 
@@ -112,8 +202,6 @@ class LiveBase:
 def enable_full_finetuning(model: Any, engine: Any) -> LiveBase:
     """Make every base parameter of ``model`` (views of ``engine``'s tensors) trainable and keep the
     engine's prefix cache in step with the optimizer (see the module docstring)."""
-    from trainserve.engine import vllm_compat
-
     vllm_compat.read_head_weight_live(engine.model)
     model.requires_grad_(True)
     return LiveBase(engine, model)

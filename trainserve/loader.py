@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from trainserve import model_api
-from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry, unsupported_targets_message
+from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry
+from trainserve.distributed import check_parallel_config, exclude_frozen_from_ddp, launcher_world
 from trainserve.hf_kwargs import pop_hf_kwargs, resolve_model_path
 from trainserve.lora_variants import check_bias, resolve_loftq
 from trainserve.models import get_fast_model_class
@@ -20,8 +21,8 @@ from trainserve.models.checkpointing import normalize_gc_mode
 from trainserve.precision import check_model_dims, resolve_precision
 from trainserve.reload import load_saved_adapter, saved_adapter_base
 from trainserve.rope_config import apply_rope_parameters, check_supported, normalize_rope_scaling
-from trainserve.trainable_modules import lora_config_arguments, refuse_with_engine, split_targets
-from trainserve.vocab import ENGINE_ROUTE, resize_for_from_pretrained
+from trainserve.trainable_modules import check_lora_targets, lora_config_arguments, refuse_with_engine, split_targets
+from trainserve.vocab import check_vocab_size, pop_resize_model_vocab, resize_for_from_pretrained
 
 logger = logging.getLogger("trainserve")
 
@@ -104,6 +105,7 @@ class FastLanguageModel:
         standby: bool = True,
         load_in_fp8: bool | str = False,
         quant_backend: str = "trainserve",
+        tensor_parallel_size: int = 1,
         **kwargs: Any,
     ) -> tuple[Any, Any]:
         """Return ``(model, tokenizer)``. With ``fast_inference=True`` a colocated vLLM engine owns the
@@ -118,16 +120,15 @@ class FastLanguageModel:
         ``load_in_8bit`` (int8), ``load_in_fp8`` (``True`` or ``"block"``: FP8 with
         128x128 block scales), ``load_in_16bit`` / ``full_finetuning`` (16-bit). Without CUDA the
         quantised formats warn once and load ``dtype`` weights. A saved LoRA directory as ``model_name``
-        loads its base model (adapter_config.json) and the adapter on top, trainable."""
+        loads its base model (adapter_config.json) and the adapter on top, trainable.
+        ``tensor_parallel_size`` must be 1: under torchrun each rank runs its own engine (data
+        parallel, :mod:`trainserve.distributed`); larger values are refused by name."""
         # the arguments as given (locals() holds only them here): a saved adapter's base loads with them
         call = {**{k: v for k, v in locals().items() if k not in ("model_name", "kwargs")}, **kwargs}
         from transformers import AutoConfig, AutoTokenizer
 
         dtype, hf = pop_hf_kwargs(kwargs, dtype)
-        resize_model_vocab = kwargs.pop("resize_model_vocab", None)
-        if resize_model_vocab is not None and fast_inference:
-            raise NotImplementedError(f"resize_model_vocab={resize_model_vocab!r} with fast_inference=True: "
-                                      f"{ENGINE_ROUTE}")
+        resize_model_vocab = pop_resize_model_vocab(kwargs, fast_inference)
         _reject_unsupported(kwargs)
         model_name = resolve_model_path(model_name, hf, revision, token)
         adapter_base = saved_adapter_base(model_name)
@@ -155,6 +156,7 @@ class FastLanguageModel:
 
         config = AutoConfig.from_pretrained(model_name, token=token, revision=revision,
                                             trust_remote_code=trust_remote_code, **hf.config_kwargs())
+        check_vocab_size(resize_model_vocab, config.vocab_size)  # before anything loads
         model_type = getattr(config, "model_type", None)
         if model_type not in ARCHITECTURES:
             raise NotImplementedError(
@@ -166,6 +168,7 @@ class FastLanguageModel:
         if rope_scaling is not None:
             rope_parameters = normalize_rope_scaling(config, rope_scaling)
             apply_rope_parameters(config, rope_parameters)
+        check_parallel_config(tensor_parallel_size, config, launcher_world())  # torchrun: one engine per rank
         if fast_inference:
             _check_engine_config(config)
         if max_seq_length > config.max_position_embeddings and rope_scaling is None:
@@ -253,11 +256,7 @@ class FastLanguageModel:
         if isinstance(target_modules, str):
             target_modules = [target_modules]
         target_modules, full_modules = split_targets(target_modules, modules_to_save)
-        unknown = [t for t in target_modules if t not in SUPPORTED_TARGETS]
-        if not target_modules:
-            raise ValueError(f"target modules is empty; choose from {list(SUPPORTED_TARGETS)}")
-        if unknown:
-            raise ValueError(unsupported_targets_message(unknown))
+        check_lora_targets(state, target_modules, full_modules)
         check_bias(bias, fast=state is not None)
         if full_modules and state is not None:
             refuse_with_engine(full_modules)
@@ -286,6 +285,8 @@ class FastLanguageModel:
             guard_merges(peft_model)  # the base is the engine's: merging would change what it serves
             state.peft_model = peft_model
             state.live = LiveAdapter(state.engine, peft_model)
+            if launcher_world() is not None:  # DDP must not broadcast the engine's base weights
+                exclude_frozen_from_ddp(peft_model)
         model_api.attach_api(peft_model, fast=state is not None)
         return peft_model
 

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from trainserve.engine.quant_method import int4_kernel_choice
 from trainserve.kernels.marlin_layout import IntFormat, check_shape
 
 QUANT_BACKENDS = ("trainserve", "bitsandbytes")
@@ -124,10 +125,7 @@ def check_model_dims(precision: Precision, config: Any) -> None:
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     layers = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
               "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
-    kernel = os.environ.get("TRAINSERVE_INT4_KERNEL", "auto").strip().lower()
-    if fmt is not None and kernel not in ("auto", "marlin", "machete"):
-        raise ValueError(f"TRAINSERVE_INT4_KERNEL must be auto, marlin or machete, got {kernel!r}")
-    forced_machete = fmt is not None and fmt.bits == 4 and kernel == "machete"
+    forced_machete = fmt is not None and fmt.bits == 4 and int4_kernel_choice() == "machete"
     for name, (k, n) in layers.items():
         if fmt is None:
             if k % 128 or n % 128:

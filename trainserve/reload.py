@@ -19,6 +19,7 @@ from typing import Any
 from trainserve.adapters import validate_adapter_dir
 from trainserve.lora_variants import check_bias
 from trainserve.model_api import state_of
+from trainserve.trainable_modules import adapter_save_arguments
 from trainserve.vocab import resize_for_saved_adapter
 
 # LoraConfig fields that are metadata or only decide the *initial* weights (overwritten here).
@@ -104,6 +105,7 @@ def load_saved_adapter(model: Any, tokenizer: Any, adapter_dir: str, get_peft_mo
     # the engine's adapter checks; saved biases and modules_to_save are checked by get_peft_model and the load below
     if args["bias"] == "none" and not args["modules_to_save"]:
         validate_adapter_dir(adapter_dir, model.config, state.max_lora_rank if state is not None else args["r"])
+    base_tokens = len(tokenizer) if tokenizer is not None else None
     if (Path(adapter_dir) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
@@ -113,12 +115,30 @@ def load_saved_adapter(model: Any, tokenizer: Any, adapter_dir: str, get_peft_mo
         if state is not None:
             state.tokenizer = tokenizer
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    resize_for_saved_adapter(model, tokenizer, weights)  # new tokens (trainserve.vocab)
+    resize_for_saved_adapter(model, tokenizer, weights, base_tokens)  # new tokens (trainserve.vocab)
     peft_model = get_peft_model(model, use_gradient_checkpointing=use_gradient_checkpointing,
                                 random_state=random_state, **args)
+    missing = _missing_adapter_keys(peft_model, weights)  # before loading: peft fails on some with a KeyError
+    if missing:
+        raise ValueError(f"the adapter at {adapter_dir!r} does not fit its base model: its adapter_config.json "
+                         f"needs tensors (LoRA weights, modules_to_save copies, biases) that its "
+                         f"adapter_model.safetensors lacks: missing {missing[:5]}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     result = set_peft_model_state_dict(peft_model, weights, adapter_name="default")
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing:
+    if result.unexpected_keys:
         raise ValueError(f"the adapter at {adapter_dir!r} does not fit its base model: unexpected "
-                         f"{result.unexpected_keys[:5]}, missing {missing[:5]}")
+                         f"{result.unexpected_keys[:5]}")
     return peft_model, tokenizer
+
+
+def _missing_adapter_keys(peft_model: Any, weights: dict[str, Any]) -> list[str]:
+    """The tensors the adapter must hold but ``weights`` (the saved file) lacks.
+
+    ``load_state_dict``'s ``missing_keys`` also lists every base weight, so they cannot be used as
+    such; what the adapter must hold is what saving the rebuilt adapter would write (LoRA A/B, the
+    ``modules_to_save`` copies, the biases of ``bias="all"/"lora_only"``). A missing one would
+    silently keep its initial value (an untrained embedding copy, the base's bias)."""
+    from peft.utils import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(peft_model, adapter_name="default", **adapter_save_arguments(peft_model))
+    return sorted(set(expected) - set(weights))

@@ -54,6 +54,32 @@ def split_targets(target_modules: Sequence[str], modules_to_save: Any) -> tuple[
     return lora, full
 
 
+def check_lora_targets(state: Any, lora: list[str], full: list[str]) -> None:
+    """``get_peft_model``'s refusals of what it was asked to train (``lora``/``full`` from
+    :func:`split_targets`; ``state`` the engine state of the model, or None), before anything changes.
+
+    * A ``full_finetuning=True, fast_inference=True`` model (``state.live_base``) already trains every
+      base parameter in place, served live; a LoRA adapter on it would be a second trainer of the
+      same engine weights (its live slot would be served on top of a base the adapter does not
+      track), so it is refused.
+    * ``embed_tokens``/``lm_head`` are trained in full, not by LoRA: with no projection left, peft
+      would have no LoRA module to build; a projection trainserve does not serve is refused by name."""
+    from trainserve.adapters import SUPPORTED_TARGETS, unsupported_targets_message
+
+    if state is not None and getattr(state, "live_base", None) is not None:
+        raise ValueError("get_peft_model on a model loaded with full_finetuning=True and fast_inference=True: "
+                         "every parameter of that model is already trained in place (the engine serves it "
+                         "live), so a LoRA adapter cannot be added. Train the model itself, or load it with "
+                         "full_finetuning=False for LoRA")
+    if not lora:
+        moved = f" ({full} are trained in full, as modules_to_save, not by LoRA)" if full else ""
+        raise ValueError(f"target modules is empty{moved}: LoRA needs at least one projection in target_modules; "
+                         f"choose from {list(SUPPORTED_TARGETS)}")
+    unknown = [t for t in lora if t not in SUPPORTED_TARGETS]
+    if unknown:
+        raise ValueError(unsupported_targets_message(unknown))
+
+
 def refuse_with_engine(modules: list[str]) -> None:
     """The clear error for ``fast_inference=True`` (the module docstring says why and what works)."""
     raise NotImplementedError(
@@ -66,7 +92,9 @@ def refuse_with_engine(modules: list[str]) -> None:
 
 
 def lora_config_arguments(config: Any, modules: list[str]) -> dict[str, Any]:
-    """The ``LoraConfig`` arguments for training ``modules`` in full (none when ``modules`` is empty)."""
+    """The ``LoraConfig`` arguments for training ``modules`` in full (none when ``modules`` is empty).
+
+    ``ensure_weight_tying`` is new in peft 0.18.0 (peft PR #2803), hence ``peft>=0.18`` in pyproject.toml."""
     if not modules:
         return {}
     return {"modules_to_save": list(modules),  # a copy: peft rewrites the list it is given

@@ -178,8 +178,12 @@ def start_engine(spec: EngineSpec) -> Engine:
         kwargs["enable_sleep_mode"] = True
     if spec.specialize_active_lora:
         kwargs["specialize_active_lora"] = True
+    from trainserve.distributed import engine_kwargs, keep_launcher_env
+
+    kwargs.update(engine_kwargs())  # under torchrun: join the launcher's world, vLLM's external launcher
     t0 = time.perf_counter()
-    llm = LLM(**kwargs)
+    with keep_launcher_env():
+        llm = LLM(**kwargs)
     _CURRENT = Engine(spec, llm, time.perf_counter() - t0)
     _CURRENT.standby.enabled = sleep_mode
     logger.info("vLLM engine started in %.1f s", _CURRENT.start_seconds)

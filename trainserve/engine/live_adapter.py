@@ -71,6 +71,34 @@ class _Target:
 class _Snapshot:
     version: int
     tensors: list[tuple[torch.Tensor, torch.Tensor]]  # (A, B·scaling) per target
+    ready: tuple[Any, Any] | None = None  # _producer_mark after the snapshot's kernels were queued
+
+
+def _producer_mark(tensor: torch.Tensor) -> tuple[Any, Any] | None:
+    """CUDA only (None on CPU): an event recorded on the calling thread's current stream, and that stream.
+
+    The slot copy runs in the engine loop's thread, which during an overlapped GRPO ``train()`` has its
+    own CUDA stream; kernels the caller queued on *its* stream (the optimizer step writing the LoRA
+    tensors, a snapshot's copies) are not ordered before the copy unless the engine stream waits on this
+    event (:func:`_wait_for`). CUDA events cannot be exercised on a CPU-only test machine: the test
+    checks with a fake stream API that the event is recorded by the caller and waited on by the writer."""
+    if not tensor.is_cuda:
+        return None
+    stream = torch.cuda.current_stream(tensor.device)
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event, stream
+
+
+def _wait_for(mark: tuple[Any, Any] | None) -> None:
+    """Make the current (writing) stream wait for the work queued before ``mark`` on the producer's
+    stream; nothing when they are the same stream (already in order) or on CPU. No host sync."""
+    if mark is None:
+        return
+    event, producer = mark
+    current = torch.cuda.current_stream(producer.device)
+    if current != producer:
+        current.wait_event(event)
 
 
 class LiveAdapter:
@@ -201,7 +229,7 @@ class LiveAdapter:
                 with torch.no_grad():
                     tensors = list(zip(torch._foreach_add([t.lora_a.detach() for t in self._targets], 0),
                                        self._scaled_b(), strict=True))
-                self._staged = _Snapshot(self.version, tensors)
+                self._staged = _Snapshot(self.version, tensors, _producer_mark(tensors[0][0]))
             return self._staged.version
 
     # ------------------------------------------------------------ applying
@@ -240,13 +268,16 @@ class LiveAdapter:
                 out[i] = b
         return out
 
-    def _write(self, lora_id: int, tensors: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-        """Copy A and B·scaling into the slot of ``lora_id``. Runs between engine steps."""
+    def _write(self, lora_id: int, tensors: list[tuple[torch.Tensor, torch.Tensor]] | None,
+               after: tuple[Any, Any] | None) -> None:
+        """Copy A and B·scaling into the slot of ``lora_id``, after the work ``after`` marks (see
+        :func:`_producer_mark`) on the stream that produced them. Runs between engine steps."""
         t0 = time.perf_counter()
         slot = vllm_compat.lora_slot(self.engine.lora_manager(), lora_id)
         if slot is None:
             raise vllm_compat.VLLMInternalsChanged(f"pinned live LoRA {lora_id} is not in any engine slot")
         a_dst, b_dst = self._slot_views(slot)
+        _wait_for(after)
         with torch.no_grad():
             if tensors is None:
                 a_src = [t.lora_a.detach() for t in self._targets]
@@ -275,6 +306,8 @@ class LiveAdapter:
         If both slots hold requests still running on older versions (only possible while the
         engine loop serves other threads), wait for one of them to finish."""
         self._check_owner()
+        # The caller's stream holds the optimizer step that wrote the tensors the engine thread copies.
+        mark = _producer_mark(self._targets[0].lora_a)
 
         def sync() -> Any:
             with self._lock:
@@ -283,7 +316,7 @@ class LiveAdapter:
                     lora_id = self._free_slot()
                     if lora_id is None:  # both buffers serve requests in flight: try again shortly
                         return None
-                    self._write(lora_id, None)
+                    self._write(lora_id, None, mark)
                     self._applied = (self.version, lora_id)
                 return self._lora_request()
 
@@ -304,7 +337,7 @@ class LiveAdapter:
                 if staged is not None and (self._applied is None or staged.version > self._applied[0]):
                     lora_id = self._free_slot()
                     if lora_id is not None:
-                        self._write(lora_id, staged.tensors)
+                        self._write(lora_id, staged.tensors, staged.ready)
                         self._applied = (staged.version, lora_id)
                 if self._applied is None:
                     raise RuntimeError("no live adapter version has been published yet")

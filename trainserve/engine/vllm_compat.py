@@ -359,3 +359,23 @@ def machete_layout(runner: MacheteRunner, device: torch.device) -> Any:
     if key not in _MACHETE_LAYOUTS:
         _MACHETE_LAYOUTS[key] = learn_layout(runner.prepack, device)
     return _MACHETE_LAYOUTS[key]
+
+
+def reset_prefix_cache(llm: Any, running: bool = False) -> bool:
+    """Drop vLLM's prefix cache; with ``running=True`` also preempt running requests so their KV is
+    recomputed (``reset_running_requests``: vLLM ≥ 0.26; checked by the contract test)."""
+    engine = llm.llm_engine
+    if running:
+        try:
+            return bool(engine.reset_prefix_cache(reset_running_requests=True))
+        except TypeError as exc:
+            raise _fail("LLMEngine.reset_prefix_cache(reset_running_requests=...) is gone") from exc
+    return bool(engine.reset_prefix_cache())
+
+
+def logprobs_mode(llm: Any) -> str:
+    """vLLM's ``model_config.logprobs_mode`` (``raw_logprobs`` = before temperature scaling)."""
+    config = getattr(getattr(llm, "llm_engine", None), "model_config", None)
+    if config is None or not hasattr(config, "logprobs_mode"):
+        raise _fail("llm.llm_engine.model_config.logprobs_mode is gone")
+    return str(config.logprobs_mode)

@@ -84,11 +84,16 @@ def run_grpo(
 ) -> dict[str, Any]:
     """Train the toy task with :class:`trainserve.rl.GRPOTrainer`; return the run summary.
 
+    Under ``torchrun`` (data parallel, :mod:`trainserve.distributed`) every rank trains with its own
+    engine; rank 0 writes the adapter, summary and plot and returns the summary, the other ranks
+    return ``{"rank": ..., "steps": ...}``.
+
     ``overlap``: one-step-off training (:mod:`trainserve.rl.overlap`) with TRL's token-level
     truncated importance-sampling correction (``token_truncate``, ratios clipped at 3)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from trainserve import FastLanguageModel, tiny_model
+    from trainserve.distributed import is_main_process
     from trainserve.rl import checkpoint as ckpt
     from trainserve.rl.metrics import (
         METRICS_FILE,
@@ -102,6 +107,7 @@ def run_grpo(
     from trainserve.rl.toy_task import toy_config, toy_dataset, toy_reward_funcs
     from trainserve.rl.trainer import GRPOTrainer
 
+    main_process = is_main_process()  # under torchrun: rank 0 writes the adapter, summary and plot
     os.makedirs(out, exist_ok=True)
     last = ckpt.latest_checkpoint(out)
     if last is not None and not resume:
@@ -116,7 +122,7 @@ def run_grpo(
             model_path or tiny_model(), max_seq_length=max_seq_length, load_in_4bit=True, fast_inference=True,
             gpu_memory_utilization=gpu_memory_utilization, max_lora_rank=lora_rank)
     model = FastLanguageModel.get_peft_model(model, r=lora_rank, lora_alpha=2 * lora_rank, random_state=seed)
-    if progress:
+    if progress and main_process:
         _say(f"model and engine ready (loaded in {time.perf_counter() - t_load:.1f} s); training {steps} steps "
              f"({batch_size // num_generations} prompts x {num_generations} completions each)")
     config = toy_config(
@@ -136,7 +142,7 @@ def run_grpo(
     if progress:
         trainer.add_callback(RewardProgressBar())
     server = None
-    if serve_port is not None:
+    if serve_port is not None and main_process:  # one server per job (rank 0's engine), not one port per rank
         server = _start_server(model, serve_host, serve_port)
         print(f"serving the live adapter at {getattr(server, 'url', f'http://{serve_host}:{serve_port}')} "
               "(model name 'live')", flush=True)
@@ -148,6 +154,8 @@ def run_grpo(
         if server is not None:
             server.stop()
     seconds = time.perf_counter() - t0
+    if not main_process:  # data parallel: the other ranks hold the same adapter; rank 0 writes the results
+        return {"rank": trainer.accelerator.process_index, "steps": trainer.state.global_step}
     model.save_lora(os.path.join(out, "adapter"))
     metrics_path = os.path.join(out, METRICS_FILE)
     summary = _summary(read_metrics(metrics_path), start_step, seconds)
@@ -257,8 +265,11 @@ def _main(args: argparse.Namespace) -> int:
         print(f"trainserve grpo: error: {problem}", file=sys.stderr)
         return 2
     what = f"the model in {args.model}" if args.model else "the embedded tiny Qwen2 (built once into the cache)"
-    _say(f"trainserve grpo: loading torch, TRL and vLLM, then starting the engine on {what} "
-         "(~20 s on a 2-core CPU)")
+    from trainserve.distributed import is_main_process
+
+    if is_main_process():  # under torchrun: once, from rank 0
+        _say(f"trainserve grpo: loading torch, TRL and vLLM, then starting the engine on {what} "
+             "(~20 s on a 2-core CPU)")
     try:
         summary = run_grpo(
             args.out, model_path=args.model, steps=args.steps, seed=args.seed, lr=args.lr,
@@ -272,5 +283,6 @@ def _main(args: argparse.Namespace) -> int:
     except GRPORunError as exc:
         print(f"trainserve grpo: {exc}")
         return 2
-    print(json.dumps(summary, indent=2))
+    if summary.get("rank") is None:  # torchrun: rank 0 prints the job's summary
+        print(json.dumps(summary, indent=2))
     return 0

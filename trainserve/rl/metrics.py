@@ -71,6 +71,8 @@ class MetricsLogger(TrainerCallback):
         self._offset = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:  # data parallel: rank 0 writes the file
+            return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         step = state.global_step  # > 0 when resuming: keep the lines up to the checkpoint
         kept = [r for r in read_metrics(self.path) if r["step"] <= step] if step else []

@@ -205,7 +205,11 @@ class OneStepOff:
         if pending is None:  # batch 1, a new epoch or a resume: generate it now (staleness 0)
             pending = self._submit(batch, step, policy_step=step)
         t_wait = time.perf_counter()
-        outputs = self._collect(pending)
+        try:
+            outputs = self._collect(pending)
+        except BaseException:  # Ctrl-C, a dead engine loop: the batch is no longer pending anywhere
+            self._abort(pending)
+            raise
         wait_s = time.perf_counter() - t_wait
         sample_versions = [v for out in outputs for v in [_engine_version(out)] * len(out.outputs)]
         if any(v != pending.version for v in sample_versions):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainserve.engine import vllm_compat
+
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
@@ -58,14 +60,9 @@ def check_overlap(args: Any, state: Any, *, tools: Any = None, rollout_func: Any
             f" must equal gradient_accumulation_steps ({args.gradient_accumulation_steps}); leave steps_per_generation "
             "and generation_batch_size unset")
     temperature = (args.generation_kwargs or {}).get("temperature", args.temperature)
-    mode = _logprobs_mode(state.engine)
+    mode = vllm_compat.logprobs_mode(state.engine.llm)  # VLLMInternalsChanged rather than a guessed default
     if mode == "raw_logprobs" and float(temperature) != 1.0:
         raise ValueError(
             f"overlap=True needs temperature=1.0 (got {temperature}): the engine returns raw logprobs "
             "(vLLM logprobs_mode='raw_logprobs', before temperature scaling), while the trainer's logprobs are "
             "temperature-scaled, so the importance-sampling ratios of every token would be biased")
-
-
-def _logprobs_mode(engine: Any) -> str:
-    config = getattr(getattr(getattr(engine, "llm", None), "llm_engine", None), "model_config", None)
-    return str(getattr(config, "logprobs_mode", "raw_logprobs"))

@@ -79,6 +79,8 @@ def toy_config(output_dir: str, steps: int = 60, seed: int = 0, **overrides: Any
     import torch
     from trl import GRPOConfig
 
+    from trainserve.distributed import launcher_world
+
     kwargs: dict[str, Any] = dict(
         output_dir=output_dir,
         max_steps=steps,
@@ -98,6 +100,8 @@ def toy_config(output_dir: str, steps: int = 60, seed: int = 0, **overrides: Any
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # under torchrun on CPU, accelerate trains data-parallel only with use_cpu=True
+        use_cpu=not torch.cuda.is_available() and launcher_world() is not None,
     )
     kwargs.update(overrides)
     return GRPOConfig(**kwargs)

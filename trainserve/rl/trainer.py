@@ -11,6 +11,10 @@ fall back to TRL's own transformers generation with a warning, so the class stay
 
 ``overlap=True`` trains one step off-policy: the engine generates the next batch while this one
 trains (see :mod:`trainserve.rl.overlap`).
+
+Under ``torchrun`` (data parallel, :mod:`trainserve.distributed`) each rank generates the prompts
+TRL hands it with its own engine, as TRL's colocate mode does; rollout seeds include the rank, so a
+prompt group split over ranks gets different samples on each.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import trl
 from transformers import TrainerCallback
 
+from trainserve.distributed import prepare_trainer_args
 from trainserve.model_api import state_of
 from trainserve.rl import checkpoint as ckpt
 from trainserve.rl.overlap import EngineBatch, OneStepOff, RolloutRecord
@@ -122,6 +127,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 "GRPOConfig(use_vllm=True) asks TRL to start its own vLLM, but trainserve's GRPOTrainer "
                 "already generates with the colocated engine that shares the model's weights. Leave "
                 "use_vllm=False (the default): rollouts use model.fast_generate with the live adapter.")
+        prepare_trainer_args(args)  # under torchrun: DDP over every rank, not one run per rank
         state = None if isinstance(model, str) else state_of(model)
         if overlap:  # before anything is built: every refusal names the setting
             check_overlap(args, state, tools=tools, rollout_func=rollout_func,
@@ -154,6 +160,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             quantization_config=quantization_config, peft_config=peft_config, tools=tools,
             rollout_func=rollout_func, environment_factory=environment_factory,
         )
+        if args is None:  # TRL built a default config: check it as a given one is checked above
+            prepare_trainer_args(self.args)
         for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
             if not isinstance(func, torch.nn.Module):
                 self.reward_funcs[i] = checked_reward_func(func, name)
@@ -214,8 +222,10 @@ class GRPOTrainer(trl.GRPOTrainer):
     # ------------------------------------------------------------------ rollouts
     def _rollout_seed(self, call: int, group: int, step: int | None = None) -> int:
         step = self.state.global_step if step is None else step
-        key = f"{self.args.seed}/{step}/{call}/{group}".encode()
-        return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little") & 0x3FFFFFFF
+        key = f"{self.args.seed}/{step}/{call}/{group}"
+        if self.accelerator.num_processes > 1:  # data parallel: a group split over ranks must not repeat samples
+            key += f"/rank{self.accelerator.process_index}"
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") & 0x3FFFFFFF
 
     def _sampling_params(self, n: int, seed: int) -> Any:
         from vllm import SamplingParams

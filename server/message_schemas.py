@@ -1,0 +1,75 @@
+"""The chat messages of a request body (``messages``), strict as every request part is.
+
+Kept apart from :mod:`trainserve.server.schemas` (the request bodies) to keep each module short; the
+checks that need the whole conversation (tool calls and their answers) are in
+:mod:`trainserve.server.messages`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from trainserve.server.messages import check_raw_messages
+
+MAX_TOOL_CALL_ID = 256  # characters: OpenAI's ids are ~30, vLLM's ~46
+MAX_TOOL_NAME = 256
+
+
+class StrictModel(BaseModel):
+    """Base of every request part: a wrong JSON type or an unknown field is a 400, not a coercion."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """``"n": null`` is ``n``'s default (OpenAI and vLLM accept explicit nulls)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is not None)
+        }
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(StrictModel):
+    """An earlier tool call's function: ``arguments`` a JSON string (OpenAI) or an object (vLLM)."""
+
+    name: str = Field(min_length=1, max_length=MAX_TOOL_NAME)
+    arguments: str | dict[str, Any]
+
+
+class ToolCall(StrictModel):
+    """One of an assistant message's ``tool_calls`` (see ``messages.conversation`` for the checks)."""
+
+    id: str = Field(min_length=1, max_length=MAX_TOOL_CALL_ID)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = Field(None, max_length=MAX_TOOL_CALL_ID)  # tool messages only
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+def check_messages(data: Any) -> Any:
+    """A request's raw ``messages`` checked before pydantic sees them (see ``messages.check_raw_messages``)."""
+    return check_raw_messages(data, set(ChatMessage.model_fields))

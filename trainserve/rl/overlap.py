@@ -232,7 +232,7 @@ class OneStepOff:
         """Pin the adapter as it is now (``policy_step`` optimizer steps; one slot of the double
         buffer) and queue ``batch``, which global step ``step`` will train on, with it."""
         loop = self.engine.loop
-        _after_trainer_work(loop)
+        # sync_request orders its slot copy after the trainer's queued CUDA work (live_adapter._wait_for)
         updates = self.live.updates
         request = self.live.sync_request()
         version = _version_of(request.lora_name)
@@ -338,18 +338,6 @@ def _engine_stream(loop: Any) -> Callable[[], None] | None:
             loop.call(back)
 
     return restore
-
-
-def _after_trainer_work(loop: Any) -> None:
-    """CUDA only: make the engine stream wait for what the trainer's stream has queued so far (the
-    optimizer step writing the LoRA tensors the next slot copy reads). Costs no host sync."""
-    import torch
-
-    if not torch.cuda.is_available() or not loop.background:
-        return
-    event = torch.cuda.Event()
-    event.record()  # on this (the trainer's) thread's current stream
-    loop.call(lambda: torch.cuda.current_stream().wait_event(event))
 
 
 def _log_memory_split(engine: Any) -> None:

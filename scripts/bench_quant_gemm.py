@@ -6,10 +6,7 @@ decode tokens M, the median time of ``y = x W^T`` through:
 
 * ``bf16`` — cuBLAS on the 16-bit weight (what the 16-bit engine runs);
 * ``int4`` / ``int8`` — vLLM's Marlin kernel on trainserve's layout (``vllm_compat.MarlinRunner``);
-* ``int4_machete`` — the same 4-bit format through vLLM's Hopper Machete kernel (``vllm_compat.MacheteRunner``),
-  with Machete's own schedule heuristic;
-* ``int4_machete_tuned`` — the same, with the schedule timed per shape and batch size
-  (:mod:`trainserve.engine.machete_schedules`, as the engine does while loading);
+* ``int4_machete`` — the same 4-bit format through vLLM's Hopper Machete kernel (``vllm_compat.MacheteRunner``);
 * ``nf4_bnb`` — ``bitsandbytes.matmul_4bit`` as vLLM's bitsandbytes method calls it;
 * ``fp8`` — dynamic per-token FP8 activations × per-channel FP8 weights (vLLM's ``cutlass_scaled_mm``);
 
@@ -30,7 +27,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-ARMS = ("bf16", "int4", "int4_machete", "int4_machete_tuned", "int8", "nf4_bnb", "fp8")
+ARMS = ("bf16", "int4", "int4_machete", "int8", "nf4_bnb", "fp8")
 
 
 def _layers(shape: str) -> dict[str, tuple[int, int]]:
@@ -60,7 +57,7 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _arms(w, want: set[str], ms: list[int]):
+def _arms(w, want: set[str]):
     """{arm: (matmul(x) -> y, dequant() -> dense or None, dense weight for the error)}"""
     import torch
     from trainserve.kernels.marlin_dequant import dequantize_marlin
@@ -81,7 +78,7 @@ def _arms(w, want: set[str], ms: list[int]):
         dense = dequantize_marlin(t, fmt, torch.bfloat16).t()
         out[name] = ((lambda x, r=runner, t=t, z=zeros: r(x, t.qweight, t.scales, z, None)),
                      (lambda t=t, f=fmt: dequantize_marlin(t, f, torch.bfloat16)), dense)
-    if want & {"int4_machete", "int4_machete_tuned"}:
+    if "int4_machete" in want:
         from trainserve.kernels.machete_dequant import MacheteTensors, dequantize_machete
         from trainserve.kernels.machete_layout import quantize_for_machete
 
@@ -93,13 +90,6 @@ def _arms(w, want: set[str], ms: list[int]):
         out["int4_machete"] = ((lambda x, r=runner, t=t: r(x, t.qweight, t.scales, t.zf, 64, None)),
                                (lambda t=t: dequantize_machete(t, 0, t.n, torch.bfloat16)),
                                dequantize_machete(t, 0, t.n, torch.bfloat16).t())
-        if "int4_machete_tuned" in want:
-            from trainserve.engine import machete_schedules
-
-            machete_schedules.register_runner(runner)
-            machete_schedules.tune(runner, t.qweight, t.scales, t.zf, 64, buckets=ms)
-            out["int4_machete_tuned"] = ((lambda x, r=runner, t=t: r(x, t.qweight, t.scales, t.zf, 64, None,
-                                                                      tuned=True)), None, out["int4_machete"][2])
     if "nf4_bnb" in want:
         try:
             import bitsandbytes as bnb
@@ -130,13 +120,6 @@ def _arms(w, want: set[str], ms: list[int]):
     return out
 
 
-def _machete_tables() -> dict:
-    if "trainserve.engine.machete_schedules" not in sys.modules:
-        return {}
-    return {k: {str(m): v for m, v in t.items()}
-            for k, t in sys.modules["trainserve.engine.machete_schedules"].tuned_tables().items()}
-
-
 def main() -> int:
     import torch
 
@@ -157,7 +140,7 @@ def main() -> int:
     rows, errors, dequant = [], {}, {}
     for lname, (n, k) in layers.items():
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        arms = _arms(w, want, ms)
+        arms = _arms(w, want)
         xe = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
         ref = xe.float() @ w.float().t()
         for name, (_, deq, dense) in arms.items():
@@ -165,8 +148,7 @@ def main() -> int:
                 errors.setdefault(name, {})[lname] = {
                     "weight_rel_err": round(_rel(dense, w), 5),
                     "output_rel_err": round(_rel(arms[name][0](xe), ref), 5)}
-                if deq is not None:
-                    dequant.setdefault(name, {})[lname] = round(_bench(deq), 2)
+                dequant.setdefault(name, {})[lname] = round(_bench(deq), 2)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"layer": lname, "n": n, "k": k, "m": m}
@@ -183,8 +165,7 @@ def main() -> int:
     report = {"date": datetime.date.today().isoformat(), "device": dev, "shape": a.shape,
               "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
               "torch": torch.__version__, "unit": "microseconds per GEMM (median); per_step in ms (all layers)",
-              "rows": rows, "per_step_ms": per_step,
-              "machete_schedules": _machete_tables(), "error_vs_bf16": errors, "trainer_dequant_us": dequant}
+              "rows": rows, "per_step_ms": per_step, "error_vs_bf16": errors, "trainer_dequant_us": dequant}
     os.makedirs(a.out, exist_ok=True)
     slug = dev.replace("NVIDIA ", "").replace(" ", "-").lower()
     path = os.path.join(a.out, f"quant_gemm_{slug}_{a.shape}_{report['date']}.json")

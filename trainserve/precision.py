@@ -14,7 +14,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from trainserve.engine.machete_schedules import tuning_enabled as machete_tuning_enabled
 from trainserve.engine.quant_method import int4_kernel_choice
 from trainserve.kernels.marlin_layout import IntFormat, check_shape
 
@@ -127,8 +126,6 @@ def check_model_dims(precision: Precision, config: Any) -> None:
     layers = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
               "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
     forced_machete = fmt is not None and fmt.bits == 4 and int4_kernel_choice() == "machete"
-    if fmt is not None and fmt.bits == 4:
-        machete_tuning_enabled()  # a bad TRAINSERVE_MACHETE_TUNE is refused here, not mid-load
     for name, (k, n) in layers.items():
         if fmt is None:
             if k % 128 or n % 128:

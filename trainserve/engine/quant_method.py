@@ -164,7 +164,7 @@ def register(name: str) -> str:
                 layer.trainserve_marlin = vllm_compat.MarlinRunner(layer, fmt)
 
         def _process_machete(self, layer: nn.Module, w: torch.Tensor) -> None:
-            from trainserve.engine import machete_schedules, vllm_compat
+            from trainserve.engine import vllm_compat
 
             n, k = w.shape
             runner = vllm_compat.MacheteRunner(w.dtype)
@@ -183,14 +183,11 @@ def register(name: str) -> str:
             layer.trainserve_shape = (n, k)
             layer.trainserve_machete_layout = layout
             layer.trainserve_machete = runner
-            machete_schedules.register_runner(runner)
-            if machete_schedules.tuning_enabled():
-                machete_schedules.tune(runner, qweight, scales, zf, fmt.group_size)
 
         def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             machete = getattr(layer, "trainserve_machete", None)
             if machete is not None:
-                return machete(x, layer.qweight, layer.scales, layer.qzeros, fmt.group_size, bias, tuned=True)
+                return machete(x, layer.qweight, layer.scales, layer.qzeros, fmt.group_size, bias)
             runner = getattr(layer, "trainserve_marlin", None)
             if runner is not None:
                 return runner(x, layer.qweight, layer.scales, layer.qzeros, bias)

@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainserve.engine import machete_schedules
-
 
 class VLLMInternalsChanged(RuntimeError):
     """The installed vLLM no longer has an internal that trainserve relies on."""
@@ -317,28 +315,11 @@ class MacheteRunner:
         return self._ops.machete_prepack_B(words_kn.t().contiguous().t(), a_type=self.dtype, b_type=self.wtype,
                                            group_scales_type=self.dtype)
 
-    def schedules(self) -> list[str]:
-        """The schedules this build offers for the format (``machete_supported_schedules``)."""
-        return list(self._ops.machete_supported_schedules(a_type=self.dtype, b_type=self.wtype,
-                                                          group_scales_type=self.dtype,
-                                                          group_zeros_type=self.dtype))
-
-    def mm(self, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zf: torch.Tensor,
-           group_size: int, schedule: str | None = None) -> torch.Tensor:
-        """``x2 (M, K) @ W`` with the given schedule (``None``: Machete's heuristic)."""
-        return self._ops.machete_mm(a=x2, b_q=qweight, b_type=self.wtype, b_group_zeros=zf, b_group_scales=scales,
-                                    b_group_size=group_size, schedule=schedule)
-
     def __call__(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zf: torch.Tensor,
-                 group_size: int, bias: torch.Tensor | None, tuned: bool = False) -> torch.Tensor:
-        """``x @ W + bias``; ``tuned=True`` goes through ``trainserve::machete_mm``, which picks the
-        schedule tuned for the batch size (:mod:`trainserve.engine.machete_schedules`; the runner must
-        have been registered there, as the quantisation method does while loading)."""
+                 group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if tuned:
-            out = machete_schedules.machete_mm(x2, qweight, scales, zf, group_size)
-        else:
-            out = self.mm(x2, qweight, scales, zf, group_size)
+        out = self._ops.machete_mm(a=x2, b_q=qweight, b_type=self.wtype, b_group_zeros=zf, b_group_scales=scales,
+                                   b_group_size=group_size)
         if bias is not None:
             out.add_(bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])

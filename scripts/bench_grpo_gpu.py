@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--micro-batch", type=int, default=0,
                     help="per_device_train_batch_size (0: the whole step's 64 completions, no accumulation)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--ts-checkpointing", choices=("default", "unsloth", "true", "false"), default="default",
+                    help="trainserve arms' use_gradient_checkpointing (default: 'unsloth', its recommended mode)")
     ap.add_argument("--learning-rate", type=float, default=5e-6)
     ap.add_argument("--is-correction", choices=("default", "off"), default="off",
                     help="vllm_importance_sampling_correction: off for every arm (equal work per step), or each "
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gpu_memory_utilization": args.gpu_memory_utilization, "learning_rate": args.learning_rate,
                 "temperature": 1.0, "seed": 0, "lora_rank": 16, "lora_alpha": 32, "dataset_size": 512,
                 "is_correction": args.is_correction, "mem_interval_ms": args.mem_interval_ms,
-                "ts_load_kwargs": args.ts_load_kwargs}
+                "ts_load_kwargs": args.ts_load_kwargs, "ts_checkpointing": args.ts_checkpointing}
     work = Path("/tmp/bench_grpo_gpu")
     work.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -50,6 +50,16 @@ ARMS.update({f"{name}_overlap": {**spec, "overlap": True} for name, spec in list
              if spec["kind"] == "trainserve"})
 # Each framework's own recommended checkpointing (recorded with the results).
 GRADIENT_CHECKPOINTING = {"trainserve": "unsloth", "trl": True, "unsloth": "unsloth"}
+
+
+def _checkpointing(s: dict[str, Any], kind: str) -> Any:
+    """The arm's checkpointing: the framework's recommended mode, or ``--ts-checkpointing`` for trainserve."""
+    choice = s.get("ts_checkpointing") if kind == "trainserve" else None
+    if choice in (None, "default"):
+        return GRADIENT_CHECKPOINTING[kind]
+    return {"unsloth": "unsloth", "true": True, "false": False}[choice]
+
+
 WORDS = ("the sky is blue and the old bridge crosses the river where a small robot writes a map of stars "
          "for the reader who asks what two plus two is and names a number").split()
 RECORDED_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
@@ -173,7 +183,7 @@ def build(arm: str, s: dict[str, Any], cuda: bool, dataset: Any, info: dict[str,
         model, tok = FastLanguageModel.from_pretrained(path, **load)
         info["model_load_s"] = round(time.perf_counter() - t, 2)
         model = FastLanguageModel.get_peft_model(model, **_lora(s), random_state=s["seed"],
-                                                 use_gradient_checkpointing=GRADIENT_CHECKPOINTING[kind])
+                                                 use_gradient_checkpointing=_checkpointing(s, kind))
         tok = _checked_tokenizer(tok, path, prompt, info)
         overlap = bool(spec.get("overlap"))
         info["overlap"] = overlap
@@ -214,7 +224,7 @@ def build(arm: str, s: dict[str, Any], cuda: bool, dataset: Any, info: dict[str,
                               train_dataset=dataset)
     info["trainer_init_s"] = round(time.perf_counter() - t, 2)
     info["trainer_class"] = f"{type(trainer).__module__}.{type(trainer).__qualname__}"
-    info["gradient_checkpointing_mode"] = GRADIENT_CHECKPOINTING[kind]
+    info["gradient_checkpointing_mode"] = _checkpointing(s, kind)
     info["trainer_args"] = {k: getattr(trainer.args, k, None) for k in RECORDED_ARGS}
     return trainer
 

@@ -9,6 +9,9 @@ decode tokens M, the median time of ``y = x W^T`` through:
 * ``int4_machete`` — the same 4-bit format through vLLM's Hopper Machete kernel (``vllm_compat.MacheteRunner``);
 * ``nf4_bnb`` — ``bitsandbytes.matmul_4bit`` as vLLM's bitsandbytes method calls it;
 * ``fp8`` — dynamic per-token FP8 activations × per-channel FP8 weights (vLLM's ``cutlass_scaled_mm``);
+* ``w4a8`` — timing only: vLLM's CUTLASS W4A8 kernel (Hopper; symmetric int4 weights in groups of 128 with
+  FP8 group scales × per-channel scales, per-token FP8 activations, as ``CutlassW4A8LinearKernel`` runs it),
+  on random weights: to see how fast a 4-bit format with FP8 activations could decode;
 
 plus the trainer's dequantisation time (Triton Marlin dequant, NF4 dequant, FP8 ``to``), a whole
 decoder stack's sum ("per step", all layers), and each format's relative weight and output error
@@ -27,7 +30,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-ARMS = ("bf16", "int4", "int4_machete", "int8", "nf4_bnb", "fp8")
+ARMS = ("bf16", "int4", "int4_machete", "int8", "nf4_bnb", "fp8", "w4a8")
 
 
 def _layers(shape: str) -> dict[str, tuple[int, int]]:
@@ -117,6 +120,24 @@ def _arms(w, want: set[str]):
             out["fp8"] = (fp8_mm, (lambda q=qw, s=sw: (q.to(torch.bfloat16) * s.to(torch.bfloat16)).t()), dense)
         except Exception as exc:  # noqa: BLE001 - recorded
             print(f"fp8 unavailable: {exc}", flush=True)
+    if "w4a8" in want:
+        try:
+            from vllm import _custom_ops as ops
+
+            packed = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=w.device)
+            b_q = ops.cutlass_encode_and_reorder_int4b(packed.t().contiguous().t())
+            group_scales = ops.cutlass_pack_scale_fp8(
+                (torch.rand(k // 128, n, device=w.device) * 0.5 + 0.5).to(torch.float8_e4m3fn).contiguous())
+            chan_scales = torch.full((n, 1), 0.01, device=w.device, dtype=torch.float32)
+
+            def w4a8_mm(x, b_q=b_q, gs=group_scales, cs=chan_scales):
+                xq, sx = ops.scaled_fp8_quant(x, scale=None, use_per_token_if_dynamic=True)
+                return ops.cutlass_w4a8_mm(a=xq, b_q=b_q, b_group_scales=gs, b_group_size=128,
+                                           b_channel_scales=cs, a_token_scales=sx)
+
+            out["w4a8"] = (w4a8_mm, None, None)
+        except Exception as exc:  # noqa: BLE001 - recorded
+            print(f"w4a8 unavailable: {exc}", flush=True)
     return out
 
 
@@ -144,7 +165,7 @@ def main() -> int:
         xe = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
         ref = xe.float() @ w.float().t()
         for name, (_, deq, dense) in arms.items():
-            if name != "bf16":
+            if name != "bf16" and dense is not None:
                 errors.setdefault(name, {})[lname] = {
                     "weight_rel_err": round(_rel(dense, w), 5),
                     "output_rel_err": round(_rel(arms[name][0](xe), ref), 5)}

@@ -71,11 +71,14 @@ def run_format(a, fmt: str) -> dict:
 
     from trainserve import FastLanguageModel
 
+    t0 = time.perf_counter()
     model, _ = FastLanguageModel.from_pretrained(a.path, max_seq_length=a.max_len, fast_inference=True,
                                                  gpu_memory_utilization=a.util, max_lora_rank=a.rank,
                                                  **TS_FORMATS[fmt])
     free, total = torch.cuda.mem_get_info()
-    load = {"device_used_after_load_gib": round((total - free) / 2**30, 2),
+    load = {"load_s": round(time.perf_counter() - t0, 1),
+            "int4_kernel": os.environ.get("TRAINSERVE_INT4_KERNEL", "auto"),
+            "device_used_after_load_gib": round((total - free) / 2**30, 2),
             "torch_allocated_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
             "torch_max_allocated_during_load_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     model = FastLanguageModel.get_peft_model(model, r=a.rank, lora_alpha=2 * a.rank, target_modules=ALL7)

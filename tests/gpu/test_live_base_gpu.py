@@ -5,6 +5,8 @@
   show) carry the trainer's logprobs, and differ from what the engine said before the steps.
 * Qwen2 with YaRN in ``config.json``: engine and trainer agree on a prompt longer than
   ``original_max_position_embeddings``, with a trained live adapter.
+* Qwen3 (per-head q/k norms) and Mistral (a sliding window shorter than the prompt), 16-bit: engine
+  and trainer agree with a trained live adapter.
 
 One engine per process, so each case runs in its own interpreter. Tolerances are bf16 noise
 (max 0.1, mean 0.03 nats), as in ``test_quant_formats_gpu.py``.
@@ -30,7 +32,7 @@ _SCRIPT = textwrap.dedent("""
     import torch
     from vllm import SamplingParams
     sys.path.insert(0, sys.argv[3])
-    from model_variants import tiny_qwen2_with
+    from model_variants import tiny_mistral, tiny_qwen2_with, tiny_qwen3
     from trainserve import FastLanguageModel, tiny_model
 
     case, out = sys.argv[1], sys.argv[2]
@@ -66,6 +68,17 @@ _SCRIPT = textwrap.dedent("""
         ids = tok(LONG).input_ids
         toks0, before = engine(model, ids)
         train(model, ids, steps=3, lr=1e-3)
+    elif case in ("qwen3", "mistral"):
+        # the newer architectures on the GPU engine: Qwen3's q/k norms, Mistral's sliding window (a
+        # window shorter than the prompt, so the engine's windowed attention must match the trainer's)
+        path = tiny_qwen3(out) if case == "qwen3" else tiny_mistral(out, sliding_window=16)
+        model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=256, load_in_16bit=True,
+                                                       fast_inference=True, gpu_memory_utilization=0.3,
+                                                       max_lora_rank=16)
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=ALL7, random_state=0)
+        ids = tok(LONG).input_ids
+        toks0, before = engine(model, ids)
+        train(model, ids, steps=20, lr=3e-3)
     else:
         rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
         path = tiny_qwen2_with(out, rope_parameters=rope, max_position_embeddings=128)
@@ -87,7 +100,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", ["full", "yarn"])
+@pytest.mark.parametrize("case", ["full", "yarn", "qwen3", "mistral"])
 def test_engine_follows_the_trainer(tmp_path, case: str) -> None:
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-P", "-c", _SCRIPT, case, str(tmp_path / "model"), tests_dir],

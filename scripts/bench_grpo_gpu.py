@@ -26,8 +26,18 @@ One arm per device call (each must finish within 10 minutes), after ``source /ro
     python3 -P scripts/bench_grpo_gpu.py --arms trl_colocate --shape 1.5b    # ... one call per arm
     python3 -P scripts/bench_grpo_gpu.py --table benchmarks/results/grpo_h200_1.5b_<date>.json
 
+Several GPUs (issue 13, data parallel): ``--nproc N`` starts each arm under ``torchrun --standalone
+--nproc_per_node N``, one rank per GPU, each with the 1-GPU run's batch (8 prompts x 8 generations per
+rank and step: the global batch is N x 64); recorded as ``<arm>@<N>gpu`` beside the 1-GPU run of the
+same arm, with its steps/min per GPU and the per-GPU scaling (``bench_grpo_gpu_launch.py``)::
+
+    python3 -P scripts/bench_grpo_gpu.py --shape 7b --arms trainserve_int4 --nproc 2 \\
+        --gpu-memory-utilization 0.1 --micro-batch 16                                     # 2 GPUs
+    python3 -P scripts/bench_grpo_gpu.py --shape 7b --arms trainserve_int4 \\
+        --gpu-memory-utilization 0.1 --micro-batch 16                                     # 1 GPU, same file
+
 CPU smoke test (tiny model, no NVML): ``--shape tiny --arms trainserve_bf16 --steps 2 --warmup 1
---completion-length 8 --prompt-length 16``.
+--completion-length 8 --prompt-length 16`` (with ``--nproc 2``: two gloo ranks, if torch has gloo).
 """
 
 from __future__ import annotations
@@ -48,8 +58,10 @@ from typing import Any
 
 sys.path.append(str(Path(__file__).resolve().parent))  # the helper modules; `python3 -P` does not add it
 
-from bench_grpo_gpu_arms import ARMS, versions  # noqa: E402  (stdlib-only imports: no torch here)
-from bench_grpo_gpu_memory import device_name, wall  # noqa: E402
+import bench_grpo_gpu_launch as launch  # noqa: E402
+from bench_grpo_gpu_arms import ARMS  # noqa: E402  (stdlib-only imports: no torch here)
+from bench_grpo_gpu_launch import versions  # noqa: E402
+from bench_grpo_gpu_memory import device_name, visible_gpu_count, wall  # noqa: E402
 from bench_grpo_gpu_report import load, merge, slug, summarise, table  # noqa: E402
 
 SHAPES = ("0.5b", "1.5b", "7b", "tiny")
@@ -77,6 +89,10 @@ NOTES = [
     "generates the next batch on its own thread and CUDA stream while this one trains; TRL's IS correction is on "
     "(token_truncate) for them. Their rollout time is what the trainer waited in the generation hook (its batch "
     "plus submitting the next); the engine's own generation time per batch is logged as rollout/seconds.",
+    "<arm>@<N>gpu (--nproc N): the arm under torchrun, one rank per GPU, each rank generating and training the "
+    "1-GPU step's 8 prompts x 8 generations (global batch N x 64, DDP-averaged LoRA gradients); times are rank "
+    "0's; memory is every GPU's (the maximum, then each GPU's). steps/min per GPU = per-GPU completions per "
+    "minute / 64 (= steps/min for these runs); per-GPU scaling = that / the same arm's 1-GPU steps/min.",
 ]
 
 
@@ -112,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--results-file", help="results JSON to merge into (default: grpo_<gpu>_<shape>_<date>.json)")
     ap.add_argument("--copy-to", default=os.environ.get("OUT"),
                     help="also copy the results JSON and arm logs here (default: $OUT when set)")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="processes (GPUs) per arm: N > 1 runs each arm under torchrun --standalone "
+                         "--nproc_per_node N, the 1-GPU batch on each rank; recorded as <arm>@<N>gpu")
+    ap.add_argument("--dist-timeout", type=float, default=300,
+                    help="--nproc > 1: seconds a collective waits for a silent rank before the job fails")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per arm")
     ap.add_argument("--budget-s", type=float, default=570,
                     help="seconds for this whole invocation: an arm is stopped in time to still write the JSON")
@@ -132,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.arms = [f"{a}_overlap" if f"{a}_overlap" in ARMS else a for a in args.arms]
     if not 0 <= args.warmup < args.steps:
         ap.error("--warmup must be >= 0 and less than --steps")
+    if args.nproc < 1:
+        ap.error(f"--nproc {args.nproc}: must be at least 1")
+    if args.dist_timeout <= 0:
+        ap.error("--dist-timeout must be positive")
     return args
 
 
@@ -207,20 +232,26 @@ def build_checkpoint(shape: str, path: str, device: str | None = None) -> str:
     return f"{random_qwen2(shape, path)} (CPU init after a failed {device} init)"
 
 
-def run_arm(arm: str, settings: dict[str, Any], timeout: float, work: Path, command: str) -> dict[str, Any]:
-    """Run one arm in its own process group; its output goes to ``work/<arm>.log`` (progress lines
-    are echoed); returns its result, partial if it was stopped at ``timeout``."""
-    result_path, log_path = work / f"{arm}.result.json", work / f"{arm}.log"
+def run_arm(arm: str, settings: dict[str, Any], timeout: float, work: Path, command: str,
+            nproc: int = 1, name: str | None = None) -> dict[str, Any]:
+    """Run one arm in its own process group (under torchrun with ``nproc`` > 1, recorded as ``name``);
+    its output goes to ``work/<name>.log`` (progress lines are echoed); returns its result, partial if
+    it was stopped at ``timeout``."""
+    name = name or arm
+    stem = launch.file_stem(name)
+    result_path, log_path = work / f"{stem}.result.json", work / f"{stem}.log"
     result_path.unlink(missing_ok=True)
-    settings_path = work / f"{arm}.settings.json"
+    launch.clear_pid_files(work, stem)
+    settings_path = work / f"{stem}.settings.json"
     settings_path.write_text(json.dumps(settings))
     t0 = time.time()
-    cmd = [*PY, str(Path(__file__).resolve()), "--worker", arm, "--settings", str(settings_path),
-           "--result", str(result_path), "--t0", repr(t0)]
-    say(f"{arm}: starting (timeout {timeout:.0f} s, log {log_path})")
+    cmd = launch.worker_command(PY, str(Path(__file__).resolve()), ["--worker", arm, "--settings", str(settings_path),
+                                "--result", str(result_path), "--t0", repr(t0)], nproc)
+    env = launch.launch_env(nproc, settings.get("dist_timeout", 300), bool(sys.flags.safe_path))
+    say(f"{name}: starting (timeout {timeout:.0f} s, log {log_path})")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                start_new_session=True)
+                                start_new_session=True, env=env)
 
         def pump() -> None:
             for line in proc.stdout:
@@ -236,13 +267,15 @@ def run_arm(arm: str, settings: dict[str, Any], timeout: float, work: Path, comm
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            say(f"{arm}: stopping it after {timeout:.0f} s")
+            say(f"{name}: stopping it after {timeout:.0f} s")
             _kill_group(proc, signal.SIGTERM)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
         _kill_group(proc, signal.SIGKILL)  # leftovers of the arm's process group (compile workers, ...)
+        if nproc > 1:
+            launch.kill_ranks(work, stem)  # torchrun's ranks each have their own session
         proc.wait()
         reader.join(timeout=5)
     res: dict[str, Any] = {"arm": arm, "ok": False}
@@ -260,11 +293,16 @@ def run_arm(arm: str, settings: dict[str, Any], timeout: float, work: Path, comm
             res["summary_error"] = repr(exc)
     elif not res.get("ok") and "error" not in res:
         res["error"] = f"worker exited with {proc.returncode} and no result"
-    tail = log_path.read_text(errors="replace").splitlines()[-60:]
+    text = log_path.read_text(errors="replace")
+    tail = text.splitlines()[-60:]
+    if nproc > 1:
+        res.update(arm=name, arm_base=arm)
+        if not res.get("ok") and (cause := launch.root_cause(text)):
+            res["error"] = f"{res.get('error')} | {cause}"
     if not res.get("ok"):
         res["log_tail"] = "\n".join(tail)
         print(f"---- last lines of {log_path} ----\n" + "\n".join(tail[-40:]), flush=True)
-    res.update(exit_code=proc.returncode, arm_wall_s=round(time.time() - t0, 1), command=command,
+    res.update(nproc=nproc, exit_code=proc.returncode, arm_wall_s=round(time.time() - t0, 1), command=command,
                finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), log_file=str(log_path))
     return res
 
@@ -302,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([os.path.basename(sys.executable), *PY[1:], *(sys.argv if argv is None else
                                                                        [sys.argv[0], *argv])])
     say(f"command: {command}")
+    gpus = visible_gpu_count() if args.nproc > 1 else 0
+    if args.nproc > 1 and not args.prepare_only and (why := launch.check_nproc(args.nproc, args.shape, gpus)):
+        raise SystemExit(f"refused before starting anything: {why}")
     model_path = prepare_model(args.shape, args.model_dir, timeout=max(args.budget_s - 60, 60))
     if args.prepare_only:
         print(model_path)
@@ -314,17 +355,22 @@ def main(argv: list[str] | None = None) -> int:
                 "temperature": 1.0, "seed": 0, "lora_rank": 16, "lora_alpha": 32, "dataset_size": 512,
                 "is_correction": args.is_correction, "mem_interval_ms": args.mem_interval_ms,
                 "ts_load_kwargs": args.ts_load_kwargs, "ts_checkpointing": args.ts_checkpointing}
+    if args.nproc > 1:  # (1 process: the settings stay as they were)
+        settings.update(nproc=args.nproc, dist_timeout=args.dist_timeout)
+    names = [launch.run_name(arm, args.nproc, gpus) for arm in args.arms]
     work = Path("/tmp/bench_grpo_gpu")
     work.mkdir(parents=True, exist_ok=True)
     runs = []
-    for i, arm in enumerate(args.arms):
+    for i, (arm, name) in enumerate(zip(args.arms, names, strict=True)):
         left = args.budget_s - (time.time() - start) - 20  # keep time to write the results
         if left < 30:
-            runs.append({"arm": arm, "ok": False, "error": f"not run: --budget-s {args.budget_s:.0f} s spent",
+            runs.append({"arm": name, "nproc": args.nproc, "ok": False,
+                         "error": f"not run: --budget-s {args.budget_s:.0f} s spent",
                          "command": command, "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
             continue
-        runs.append(run_arm(arm, settings, min(args.timeout, left / (len(args.arms) - i)), work, command))
-        say(f"{arm}: {'ok' if runs[-1].get('ok') else 'FAILED'} in {runs[-1].get('arm_wall_s')} s")
+        runs.append(run_arm(arm, settings, min(args.timeout, left / (len(args.arms) - i)), work, command,
+                            args.nproc, name))
+        say(f"{name}: {'ok' if runs[-1].get('ok') else 'FAILED'} in {runs[-1].get('arm_wall_s')} s")
     device = device_name() or next((r["device"] for r in runs if r.get("device")), "cpu")
     date = dt.datetime.now(dt.UTC).date().isoformat()
     out_dir = Path(args.out) if Path(args.out).is_absolute() else Path(__file__).resolve().parent.parent / args.out
@@ -332,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {"date": date, "device": device, "shape": args.shape, "model_path": model_path,
               "settings": {k: v for k, v in settings.items() if k != "model_path"}, "versions": versions(),
               "notes": NOTES, "invocation": {"command": command, "started_at": dt.datetime.fromtimestamp(
-                  start, dt.UTC).isoformat(timespec="seconds"), "arms": args.arms}}
+                  start, dt.UTC).isoformat(timespec="seconds"), "arms": names}}
     report = merge(path, header, runs)
     say(f"results: {path}")
     if args.copy_to:
@@ -340,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         dest.mkdir(parents=True, exist_ok=True)
         if (dest / path.name).resolve() != path.resolve():
             shutil.copy(path, dest / path.name)
-        for arm in args.arms:
-            if (work / f"{arm}.log").exists():
-                shutil.copy(work / f"{arm}.log", dest / f"{path.stem}_{arm}.log")
+        for stem in map(launch.file_stem, names):
+            if (work / f"{stem}.log").exists():
+                shutil.copy(work / f"{stem}.log", dest / f"{path.stem}_{stem}.log")
         say(f"copied the results and logs to {dest}")
     print(f"\n{report['table']}", flush=True)
     return 0 if all(r.get("ok") for r in runs) else 1

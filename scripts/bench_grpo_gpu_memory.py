@@ -12,6 +12,9 @@ file without importing the ``vllm`` package (importing vLLM early would break Un
 unsloth first" rule); ``torch.cuda.mem_get_info`` once this process has initialised CUDA itself,
 read only at step boundaries on the main thread (not a true in-step peak: ``mem_source`` says so);
 none (CPU): peaks are then ``None``.
+
+With ``devices=N`` (``--nproc N``: one rank per GPU) the first N visible GPUs are sampled (NVML only):
+the usual keys then hold the maximum over the GPUs, and ``*_per_gpu`` keys each GPU's own value.
 """
 
 from __future__ import annotations
@@ -47,11 +50,32 @@ def _load_pynvml() -> Any:
     return module
 
 
-def _nvml_handle(nvml: Any) -> Any:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+def _nvml_handle(nvml: Any, visible: str | None = None) -> Any:
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
     if visible.startswith(("GPU-", "MIG-")):
         return nvml.nvmlDeviceGetHandleByUUID(visible)
     return nvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+
+
+def _visible(nvml: Any) -> list[str]:
+    """The visible devices as NVML ids: CUDA_VISIBLE_DEVICES' entries, else every device's index."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [v.strip() for v in env.split(",") if v.strip()]
+    return [str(i) for i in range(nvml.nvmlDeviceGetCount())]
+
+
+def visible_gpu_count() -> int:
+    """Visible CUDA devices through NVML (no CUDA context is created); 0 without a driver or GPU."""
+    try:
+        nvml = _load_pynvml()
+        if nvml is None:
+            return 0
+        nvml.nvmlInit()
+        return len(_visible(nvml))
+    except Exception:
+        return 0
 
 
 def device_name() -> str | None:
@@ -74,8 +98,13 @@ class MemorySampler:
     ``take_step_peak()`` returns the peak since its previous call (the step that just ended).
     """
 
-    def __init__(self, interval_s: float = 0.02) -> None:
+    def __init__(self, interval_s: float = 0.02, devices: int = 1) -> None:
         self.interval_s = interval_s
+        self.devices = devices
+        self.baselines: list[int] = []
+        self.peaks_per_gpu: dict[str, list[int]] = {}
+        self._step_peaks: list[int] = []
+        self.last_step_peaks: list[int] = []
         self.source: str | None = None
         self.error: str | None = None
         self.baseline: int | None = None
@@ -93,6 +122,11 @@ class MemorySampler:
             nvml = _load_pynvml()
             if nvml is not None:
                 nvml.nvmlInit()
+                if self.devices > 1:
+                    handles = [_nvml_handle(nvml, v) for v in _visible(nvml)[:self.devices]]
+                    self.baselines = [int(nvml.nvmlDeviceGetMemoryInfo(h).used) for h in handles]
+                    self.baseline, self.source = max(self.baselines), f"nvml ({len(handles)} GPUs)"
+                    return lambda: [int(nvml.nvmlDeviceGetMemoryInfo(h).used) for h in handles]
                 handle = _nvml_handle(nvml)
                 self.baseline = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
                 self.source = "nvml"
@@ -118,10 +152,17 @@ class MemorySampler:
             return
         if used is None:
             return
+        per_gpu = used if isinstance(used, list) else None
+        used = max(per_gpu) if per_gpu else used
         with self._lock:
             self.samples += 1
             self.peaks[self._phase] = max(self.peaks.get(self._phase, 0), used)
             self._step_peak = max(self._step_peak, used)
+            if per_gpu:
+                old = self.peaks_per_gpu.get(self._phase) or [0] * len(per_gpu)
+                self.peaks_per_gpu[self._phase] = [max(a, b) for a, b in zip(old, per_gpu, strict=True)]
+                self._step_peaks = [max(a, b) for a, b in zip(self._step_peaks or [0] * len(per_gpu), per_gpu,
+                                                              strict=True)]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -129,8 +170,8 @@ class MemorySampler:
 
     def start(self) -> MemorySampler:
         self.sample()
-        if self.source == "nvml":  # the torch fallback is only sampled from the main thread, at step
-            # boundaries: a CUDA call from another thread could break vLLM's CUDA-graph capture
+        if self.source and self.source.startswith("nvml"):  # the torch fallback is only sampled from the main
+            # thread, at step boundaries: a CUDA call from another thread could break vLLM's CUDA-graph capture
             self._thread = threading.Thread(target=self._run, name="bench-memory-sampler", daemon=True)
             self._thread.start()
         return self
@@ -151,7 +192,14 @@ class MemorySampler:
         self.sample()
         with self._lock:
             peak, self._step_peak = self._step_peak, 0
+            self.last_step_peaks, self._step_peaks = self._step_peaks, []
         return peak or None
+
+    def step_per_gpu(self) -> dict[str, Any]:
+        """The last step's peak of each GPU (GiB), for the step record; nothing when one GPU is sampled."""
+        if not self.last_step_peaks:
+            return {}
+        return {"mem_peak_gib_per_gpu": [round(v / GIB, 2) for v in self.last_step_peaks]}
 
     def report(self) -> dict[str, Any]:
         """Peaks in GiB: per phase, over the whole run, and the baseline before this process."""
@@ -159,13 +207,19 @@ class MemorySampler:
             return None if not v else round(v / GIB, 2)
 
         with self._lock:
-            peaks = dict(self.peaks)
-        return {
+            peaks, per_gpu = dict(self.peaks), {k: list(v) for k, v in self.peaks_per_gpu.items()}
+        out = {
             "mem_source": self.source, "mem_error": self.error, "mem_samples": self.samples,
             "mem_interval_ms": round(self.interval_s * 1e3, 1), "mem_baseline_gib": gib(self.baseline),
             "peak_mem_run_gib": gib(max(peaks.values(), default=0)),
             **{f"peak_mem_{phase}_gib": gib(v) for phase, v in peaks.items()},
         }
+        if per_gpu:  # several GPUs: each one's peaks (the keys above hold the maximum over them)
+            run = [max(col) for col in zip(*per_gpu.values(), strict=True)]
+            out.update({"mem_baseline_gib_per_gpu": [gib(v) for v in self.baselines],
+                        "peak_mem_run_gib_per_gpu": [gib(v) for v in run],
+                        **{f"peak_mem_{phase}_gib_per_gpu": [gib(v) for v in vs] for phase, vs in per_gpu.items()}})
+        return out
 
 
 def wall() -> str:

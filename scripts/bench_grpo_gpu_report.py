@@ -4,6 +4,13 @@ Why a merge: each device call must finish within 10 minutes, so arms run one per
 every invocation appends its runs to the same ``grpo_<gpu>_<shape>_<date>.json`` and the table is
 built from the newest successful run of each arm found there (the newest failure if none
 succeeded), so the table always covers every arm measured so far.
+
+Several GPUs (``--nproc N``, issue 13): such a run is recorded as ``<arm>@<N>gpu`` (``nproc``,
+``world_size`` and ``global_batch`` in the record), so the same arm on 1 and on N GPUs are two rows of
+one file. Every GPU does one 1-GPU step's work (64 completions) per optimizer step, so "steps/min per
+GPU" — per-GPU completions per minute over the 64 completions of a 1-GPU step — equals steps/min for
+such runs, and the per-GPU scaling is the N-GPU arm's steps/min per GPU over the same arm's 1-GPU
+value (issue 13's target: >= 0.92). The "vs" ratios compare runs with the same number of GPUs.
 """
 
 from __future__ import annotations
@@ -117,6 +124,24 @@ def _key(run: dict[str, Any]) -> tuple:
     return run.get("arm"), run.get("finished_at"), run.get("command")
 
 
+def base_arm(name: str) -> str:
+    return name.split("@", 1)[0]
+
+
+def nproc_of(run: dict[str, Any]) -> int:
+    return int(run.get("nproc") or 1)  # runs from before --nproc existed ran one process
+
+
+def steps_per_min_per_gpu(run: dict[str, Any]) -> float | None:
+    """Median-step steps/min in units of one GPU's 1-GPU step: per-GPU completions per minute / 64."""
+    spm = run.get("steps_per_min_median")
+    if not spm:
+        return None
+    s, n = run.get("settings") or {}, nproc_of(run)
+    per_step = (s.get("prompts_per_step") or 8) * (s.get("generations") or 8)
+    return round(spm * (run.get("global_batch") or per_step * n) / n / per_step, 2)
+
+
 def latest_by_arm(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     def rank(run: dict[str, Any]) -> int:  # ok > stopped with measured steps > failed
         return 2 if run.get("ok") else 1 if run.get("steps_per_min_median") else 0
@@ -127,24 +152,30 @@ def latest_by_arm(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if arm not in best or rank(run) >= rank(best[arm]):
             best[arm] = run
     order = {a: i for i, a in enumerate(ARM_ORDER)}
-    return dict(sorted(best.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return dict(sorted(best.items(), key=lambda kv: (order.get(base_arm(kv[0]), len(order)), nproc_of(kv[1]))))
 
 
 SUMMARY_KEYS = ("ok", "steps_per_min_median", "steps_per_min", "rollout_tokens_per_s", "rollout_tokens_per_s_median",
                 "rollout_ms_per_step", "train_ms_per_step", "weight_sync_ms_per_step", "peak_mem_measured_gib",
                 "peak_mem_run_gib", "peak_mem_startup_gib", "mem_baseline_gib", "torch_max_allocated_gib_measured",
                 "startup_s", "model_load_s", "completion_length_mean", "reward_first", "reward_last",
-                "gradient_checkpointing_mode", "measured_steps", "finished_at", "error")
+                "gradient_checkpointing_mode", "measured_steps", "finished_at", "error", "nproc", "world_size",
+                "global_batch", "peak_mem_measured_gib_per_gpu")
 
 
 def summary_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for arm, run in latest_by_arm(runs).items():
+    rows, latest = [], latest_by_arm(runs)
+    for arm, run in latest.items():
         row = {"arm": arm, **{k: run.get(k) for k in SUMMARY_KEYS}}
+        suffix = arm[len(base_arm(arm)):]  # "@2gpu": compared with the baselines on as many GPUs
         for base in BASELINES:
-            ref = latest_by_arm(runs).get(base, {})
+            ref = latest.get(base + suffix, {})
             a, b = run.get("steps_per_min_median"), ref.get("steps_per_min_median") if ref.get("ok") else None
             row[f"steps_per_min_vs_{base}"] = round(a / b, 2) if a and b else None
+        row["steps_per_min_per_gpu"] = steps_per_min_per_gpu(run)
+        one = latest.get(base_arm(arm), {}) if nproc_of(run) > 1 else {}
+        a, b = row["steps_per_min_per_gpu"], steps_per_min_per_gpu(one) if one.get("ok") else None
+        row["per_gpu_scaling_vs_1gpu"] = round(a / b, 3) if a and b and nproc_of(one) == 1 else None
         rows.append(row)
     return rows
 
@@ -157,29 +188,39 @@ def _f(x: Any, nd: int = 1) -> str:
     return str(x)
 
 
+def _mem(run: dict[str, Any], key: str) -> str:
+    """A peak in GiB; on several GPUs the maximum, then each GPU's own."""
+    per = run.get(f"{key}_per_gpu")
+    each = f" ({' / '.join(_f(v, 2) for v in per)})" if per and len(per) > 1 else ""
+    return _f(run.get(key), 2) + each
+
+
 def table(report: dict[str, Any]) -> str:
     """Markdown table of the newest run of each arm in ``report`` (ratios are of steps/min, median step)."""
     runs = latest_by_arm(report.get("runs", []))
-    head = ("| arm | steps/min (median step) | steps/min (overall) | vs TRL colocate | vs trainserve bf16 "
-            "| rollout tok/s | rollout ms/step | train ms/step | peak GiB, measured steps | peak GiB, whole run "
+    head = ("| arm | steps/min (median step) | steps/min (overall) | GPUs | steps/min per GPU "
+            "| per-GPU scaling vs 1 GPU | vs TRL colocate | vs trainserve bf16 | rollout tok/s | rollout ms/step "
+            "| train ms/step | peak GiB, measured steps | peak GiB, whole run "
             "| torch max alloc GiB | start-up s | completion len | reward first → last | checkpointing |")
-    lines = [head, "|---|" + "---:|" * 12 + "---|---|"]
+    lines = [head, "|---|" + "---:|" * 15 + "---|---|"]
     rows = {r["arm"]: r for r in summary_rows(report.get("runs", []))}
     for arm, run in runs.items():
         err = (run.get("error") or "no result").replace("|", "\\|").replace("\n", " ")[:240]
         done = f" (after {len(run.get('steps', []))} steps)" if run.get("steps") else ""
         if not run.get("ok") and not run.get("steps_per_min_median"):
-            lines.append(f"| {arm} | failed{done}: {err} |" + " |" * 13)
+            lines.append(f"| {arm} | failed{done}: {err} |" + " |" * 16)
             continue
         label = arm if run.get("ok") else f"{arm} (stopped{done}: {err[:80]})"
         r = rows[arm]
         ratio = [_f(r.get(f"steps_per_min_vs_{b}"), 2) + ("×" if r.get(f"steps_per_min_vs_{b}") else "")
                  for b in BASELINES]
+        scaling = _f(r.get("per_gpu_scaling_vs_1gpu"), 3) + ("×" if r.get("per_gpu_scaling_vs_1gpu") else "")
         lines.append(
-            f"| {label} | {_f(run.get('steps_per_min_median'), 2)} | {_f(run.get('steps_per_min'), 2)} | {ratio[0]} "
+            f"| {label} | {_f(run.get('steps_per_min_median'), 2)} | {_f(run.get('steps_per_min'), 2)} "
+            f"| {nproc_of(run)} | {_f(r.get('steps_per_min_per_gpu'), 2)} | {scaling} | {ratio[0]} "
             f"| {ratio[1]} | {_f(run.get('rollout_tokens_per_s'), 0)} | {_f(run.get('rollout_ms_per_step'), 0)} "
-            f"| {_f(run.get('train_ms_per_step'), 0)} | {_f(run.get('peak_mem_measured_gib'), 2)} "
-            f"| {_f(run.get('peak_mem_run_gib'), 2)} | {_f(run.get('torch_max_allocated_gib_measured'), 2)} "
+            f"| {_f(run.get('train_ms_per_step'), 0)} | {_mem(run, 'peak_mem_measured_gib')} "
+            f"| {_mem(run, 'peak_mem_run_gib')} | {_f(run.get('torch_max_allocated_gib_measured'), 2)} "
             f"| {_f(run.get('startup_s'), 1)} | {_f(run.get('completion_length_mean'), 1)} "
             f"| {_f(run.get('reward_first'), 3)} → {_f(run.get('reward_last'), 3)} "
             f"| {run.get('gradient_checkpointing_mode')} |")

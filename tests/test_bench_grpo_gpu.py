@@ -2,9 +2,10 @@
 
 Why: the benchmark is run on a lent GPU with very little time, so it must work the first time.
 The fast tests cover what needs no engine (config semantics, metrics, memory sampling, the merged
-results file and its table). The end-to-end smoke run (the trainserve_bf16 arm on the tiny model,
-2 steps, through ``bench_grpo.py --device cuda``, ~40 s on 2 cores) runs only with
-``TRAINSERVE_BENCH_SMOKE=1``.
+results file and its table, and ``--nproc``: its checks, the torchrun command, the per-rank batch
+under a world of 2, and the per-GPU scaling of a 1- and a 2-GPU run in one table). The end-to-end
+smoke run (the trainserve_bf16 arm on the tiny model, 2 steps, through ``bench_grpo.py --device
+cuda``, ~40 s on 2 cores) runs only with ``TRAINSERVE_BENCH_SMOKE=1``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.append(str(SCRIPTS))
 
+import bench_grpo_gpu as bench  # noqa: E402
 import bench_grpo_gpu_arms as arms  # noqa: E402
+import bench_grpo_gpu_launch as launch  # noqa: E402
 import bench_grpo_gpu_report as report  # noqa: E402
 from bench_grpo_gpu_memory import MemorySampler  # noqa: E402
 
@@ -123,6 +126,114 @@ def test_results_accumulate_across_invocations_and_the_table_covers_every_arm(tm
     assert fp8.replace("\\|", "").count("|") == lines[0].count("|")  # a failed row keeps the columns
     assert "| 3.00 |" in lines[-1]  # a run stopped at the time limit still shows its measured steps
     assert report.slug("NVIDIA H200") == "h200" and report.slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+
+
+# ------------------------------------------------------------------ --nproc (issue 13: data parallel)
+
+
+def test_nproc_is_checked_before_anything_starts(monkeypatch):
+    assert bench.parse_args([]).nproc == 1 and bench.parse_args(["--nproc", "2"]).nproc == 2
+    for bad in (["--nproc", "0"], ["--nproc", "-1"], ["--nproc", "2", "--dist-timeout", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    assert launch.check_nproc(1, "7b", 0) is None  # one process: nothing to check (no gloo probe either)
+    assert launch.check_nproc(2, "7b", 2) is None and launch.check_nproc(2, "7b", 8) is None
+    assert "must be at least 1" in launch.check_nproc(0, "7b", 2)
+    assert "only 1 visible CUDA device(s)" in launch.check_nproc(2, "7b", 1)
+    assert "only --shape tiny" in launch.check_nproc(2, "7b", 0, gloo=lambda: True)  # CPU: the tiny shape only
+    assert "gloo" in launch.check_nproc(2, "tiny", 0, gloo=lambda: False)
+    assert launch.check_nproc(2, "tiny", 0, gloo=lambda: True) is None
+    # main refuses before it builds a checkpoint or starts an arm
+    monkeypatch.setattr(bench, "visible_gpu_count", lambda: 1)
+    monkeypatch.setattr(bench, "prepare_model", lambda *a, **k: pytest.fail("started something"))
+    with pytest.raises(SystemExit, match="refused before starting anything: --nproc 2 but only 1 visible"):
+        bench.main(["--shape", "7b", "--arms", "trainserve_int4", "--nproc", "2"])
+
+
+def test_torchrun_launch_command_and_environment():
+    worker = ["--worker", "trainserve_int4", "--settings", "s.json", "--result", "r.json", "--t0", "1.5"]
+    assert launch.worker_command(["/py", "-P"], "/b.py", worker, 1) == ["/py", "-P", "/b.py", *worker]
+    assert launch.worker_command(["/py", "-P"], "/b.py", worker, 2) == [
+        "/py", "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "/b.py", *worker]
+    assert launch.launch_env(1, 300, True) is None  # one process: the parent's environment, as before
+    env = launch.launch_env(2, 300, True, env={"RANK": "3", "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "5",
+                                                "PATH": "/bin"}, cpus=32)
+    assert "RANK" not in env and env["PATH"] == "/bin" and env["PYTHONSAFEPATH"] == "1"
+    assert env["TRAINSERVE_DIST_TIMEOUT"] == "300" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["OMP_NUM_THREADS"] == "5"  # what the machine set is kept
+    assert launch.launch_env(2, 300, False, env={}, cpus=32)["OMP_NUM_THREADS"] == "16"
+    assert "PYTHONSAFEPATH" not in launch.launch_env(2, 300, False, env={})
+    assert launch.run_name("trl_colocate", 1, 2) == "trl_colocate"
+    assert launch.run_name("trl_colocate", 2, 2) == "trl_colocate@2gpu" and launch.run_name("a", 2, 0) == "a@2proc"
+    assert launch.file_stem("trl_colocate@2gpu") == "trl_colocate_2gpu"
+    log = ("[bench 10:00:01] trl_colocate[rank 1]: FAILED: RuntimeError: boom\n...\nRoot Cause (first observed "
+           "failure):\n[0]:\n  time      : 2026-12-01_10:00:02\n  host      : h\n  rank      : 1 (local_rank: 1)"
+           "\n  exitcode  : 3 (pid: 42)\n")
+    assert launch.root_cause(log) == "torchrun: rank 1 failed first (exit code 3): RuntimeError: boom"
+    assert launch.root_cause("Traceback ...") is None
+
+
+def test_each_rank_generates_and_trains_the_one_gpu_batch(tmp_path, monkeypatch):
+    import transformers
+
+    assert launch.config_kwargs(SETTINGS, cuda=True) == {}  # one process: the config stays as it was
+    monkeypatch.setattr(launch, "world_from_env", lambda env=None: (0, 2, 0))
+    monkeypatch.setattr(transformers.TrainingArguments, "world_size", property(lambda self: 2))
+    assert launch.config_kwargs({**SETTINGS, "dist_timeout": 120}, cuda=True) == {"ddp_timeout": 120}
+    args = arms.grpo_config({**SETTINGS, "micro_batch": 16}, "trl", cuda=False, out_dir=str(tmp_path))
+    # per rank: 16 x 4 accumulation = 64 completions = 8 prompts x 8; TRL's generation batch is global
+    assert args.use_cpu and args.ddp_timeout == 300 and args.per_device_train_batch_size == 16
+    assert args.gradient_accumulation_steps == args.steps_per_generation == 4
+    assert args.generation_batch_size == 128 and args.num_generations == 8
+    assert launch.check_batch(args, SETTINGS, 2) == 128
+    with pytest.raises(ValueError, match="expected 64 completions per rank x 3 ranks"):
+        launch.check_batch(args, SETTINGS, 3)
+
+
+def test_memory_sampler_on_several_gpus_keeps_each_ones_peak():
+    values = iter([[1, 2], [5, 3], [2, 7]] + [[2, 2]] * 1000)
+    sampler = MemorySampler(interval_s=3600, devices=2)
+    sampler._read, sampler.source, sampler.baselines = (lambda: [v * 2**30 for v in next(values)]), "fake", [0, 0]
+    sampler.start()  # [1, 2]
+    sampler.sample()  # [5, 3]
+    sampler.set_phase("measured")  # [2, 7] (startup), [2, 2] (measured)
+    assert sampler.take_step_peak() == 7 * 2**30 and sampler.step_per_gpu() == {"mem_peak_gib_per_gpu": [5.0, 7.0]}
+    rep = sampler.report()
+    assert rep["peak_mem_startup_gib"] == 7.0 and rep["peak_mem_startup_gib_per_gpu"] == [5.0, 7.0]
+    assert rep["peak_mem_measured_gib_per_gpu"] == [2.0, 2.0] and rep["peak_mem_run_gib_per_gpu"] == [5.0, 7.0]
+    assert MemorySampler(3600).step_per_gpu() == {}  # one GPU: the step records stay as they were
+
+
+def test_table_shows_per_gpu_rate_and_scaling_of_one_and_two_gpu_runs(tmp_path):
+    path = tmp_path / "grpo_h200_7b_2026-12-01.json"
+    settings = {"steps": 12, "warmup": 2, "prompts_per_step": 8, "generations": 8}
+    two = dict(nproc=2, world_size=2, global_batch=128, settings=settings)
+    report.merge(path, {"date": "d", "invocation": {"command": "1gpu"}},
+                 [_run("trainserve_int4", spm=14.0, nproc=1, global_batch=64, settings=settings),
+                  _run("trl_colocate", spm=13.0, settings=settings)])  # an old record: no nproc field
+    data = report.merge(path, {"date": "d", "invocation": {"command": "2gpu"}}, [
+        _run("trainserve_int4@2gpu", spm=13.3, arm_base="trainserve_int4", peak_mem_measured_gib=21.0,
+             peak_mem_measured_gib_per_gpu=[21.0, 20.5], **two),
+        _run("trl_colocate@2gpu", spm=11.0, arm_base="trl_colocate", **two)])
+    rows = {r["arm"]: r for r in data["summary"]}
+    ts2 = rows["trainserve_int4@2gpu"]
+    assert ts2["nproc"] == 2 and ts2["global_batch"] == 128 and ts2["steps_per_min_per_gpu"] == 13.3
+    assert ts2["per_gpu_scaling_vs_1gpu"] == 0.95  # 13.3 / 14.0
+    assert ts2["steps_per_min_vs_trl_colocate"] == 1.21  # vs TRL on as many GPUs (13.3 / 11.0)
+    assert rows["trainserve_int4"]["steps_per_min_vs_trl_colocate"] == 1.08  # 14.0 / 13.0
+    assert rows["trainserve_int4"]["per_gpu_scaling_vs_1gpu"] is None
+    assert rows["trl_colocate@2gpu"]["per_gpu_scaling_vs_1gpu"] == 0.846
+    lines = data["table"].splitlines()
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert [line.split(" | ")[0][2:] for line in lines[2:]] == [
+        "trainserve_int4", "trainserve_int4@2gpu", "trl_colocate", "trl_colocate@2gpu"]
+    assert all(line.count("|") == lines[0].count("|") for line in lines[1:])
+    cells = dict(zip(head, [c.strip() for c in lines[3].split("|")[1:-1]], strict=True))
+    assert cells["GPUs"] == "2" and cells["steps/min per GPU"] == "13.30"
+    assert cells["per-GPU scaling vs 1 GPU"] == "0.950×" and cells["vs TRL colocate"] == "1.21×"
+    assert cells["peak GiB, measured steps"] == "21.00 (21.00 / 20.50)"
+    one = dict(zip(head, [c.strip() for c in lines[2].split("|")[1:-1]], strict=True))
+    assert one["GPUs"] == "1" and one["steps/min per GPU"] == "14.00" and one["per-GPU scaling vs 1 GPU"] == "–"
 
 
 @pytest.mark.engine

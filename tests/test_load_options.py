@@ -164,6 +164,14 @@ def test_full_finetuning_uses_from_pretrained_gradient_checkpointing():
     assert all(p.grad is not None for p in models[True].parameters() if p.requires_grad)
 
 
+def test_get_peft_model_on_a_full_finetuning_model_is_refused_without_the_engine_too():
+    """peft would freeze every base weight: full_finetuning=True would silently become LoRA."""
+    model, _ = FastLanguageModel.from_pretrained(tiny_model(), load_in_4bit=False, full_finetuning=True)
+    with pytest.raises(ValueError, match="full_finetuning=True"):
+        FastLanguageModel.get_peft_model(model, r=4)
+    assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, "peft_config")
+
+
 # ---------------------------------------------------------------- item 5: failed loads leave no engine
 # Qwen2 with YaRN in its config.json loads (trainer = engine): tests/test_rope_yarn.py
 

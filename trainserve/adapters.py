@@ -261,6 +261,7 @@ class AdapterRegistry:
         self._ids = itertools.count(1)
         self._by_digest: dict[str, Any] = {}
         self._unloaded: set[int] = set()
+        self._issued: dict[int, str] = {}  # lora_int_id → lora_path of each request load() handed out
         self._lock = threading.Lock()
 
     def load(self, path: str | os.PathLike, name: str | None = None) -> Any:
@@ -273,6 +274,7 @@ class AdapterRegistry:
             if known is not None and (name is None or known.lora_name == name):
                 return known
             request = LoRARequest(name or f"{Path(info.path).name}@{info.digest[:8]}", next(self._ids), info.path)
+            self._issued[request.lora_int_id] = request.lora_path
         # Not under the lock: a between-steps job that used the registry would otherwise deadlock.
         self.engine.loop.call(lambda: self.engine.llm.llm_engine.add_lora(request))
         with self._lock:
@@ -287,6 +289,21 @@ class AdapterRegistry:
         self.engine.loop.call(lambda: self.engine.llm.llm_engine.remove_lora(request.lora_int_id))
 
     def check_usable(self, request: Any) -> None:
-        """Refuse a request whose adapter was unloaded (vLLM would silently load it again from disk)."""
-        if request is not None and request.lora_int_id in self._unloaded:
+        """Refuse a ``lora_request`` that :meth:`load` did not hand out, or whose adapter was unloaded (vLLM
+        would silently load it again from disk).
+
+        vLLM caches adapters by ``lora_int_id``: a ``LoRARequest`` built by hand that reuses an id serves
+        the adapter already cached under it (whatever its path), and a new id skips the validation."""
+        from vllm.lora.request import LoRARequest
+
+        if request is None:
+            return
+        if not isinstance(request, LoRARequest):
+            raise TypeError(f"lora_request must be the LoRARequest returned by model.load_lora(path) (one for the "
+                            f"whole batch) or None for the live adapter, got {request!r}")
+        if request.lora_int_id in self._unloaded:
             raise ValueError(f"adapter {request.lora_name!r} was unloaded; load it again with load_lora()")
+        if self._issued.get(request.lora_int_id) != request.lora_path:
+            raise ValueError(f"lora_request {request.lora_name!r} (id {request.lora_int_id}) was not returned by "
+                             "this model's load_lora(); pass model.load_lora(path) instead of a LoRARequest built by "
+                             "hand (vLLM caches adapters by id, so a hand-built one may be served another adapter)")

@@ -13,6 +13,7 @@ import torch
 
 from trainserve import model_api
 from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry
+from trainserve.arg_checks import check_load_arguments, check_peft_arguments
 from trainserve.distributed import check_parallel_config, exclude_frozen_from_ddp, launcher_world
 from trainserve.hf_kwargs import pop_hf_kwargs, resolve_model_path
 from trainserve.lora_variants import check_bias, resolve_loftq
@@ -63,11 +64,11 @@ def _resolve_dtype(dtype: Any, cuda: bool) -> torch.dtype:
         if cuda:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32  # CPU: fp32 trains and serves faster and exactly on CPUs without AMX
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    return dtype
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16 (or their names), "
+                         f"got {dtype!r}")
+    return resolved
 
 
 def _fix_tokenizer(tokenizer: Any) -> Any:
@@ -127,6 +128,11 @@ class FastLanguageModel:
         call = {**{k: v for k, v in locals().items() if k not in ("model_name", "kwargs")}, **kwargs}
         from transformers import AutoConfig, AutoTokenizer
 
+        check_load_arguments(max_seq_length=max_seq_length, gpu_memory_utilization=gpu_memory_utilization,
+                             random_state=random_state, max_lora_rank=max_lora_rank, max_loras=max_loras,
+                             fast_inference=fast_inference, fix_tokenizer=fix_tokenizer,
+                             trust_remote_code=trust_remote_code, float8_kv_cache=float8_kv_cache,
+                             disable_log_stats=disable_log_stats, standby=standby)
         dtype, hf = pop_hf_kwargs(kwargs, dtype)
         resize_model_vocab = pop_resize_model_vocab(kwargs, fast_inference)
         _reject_unsupported(kwargs)
@@ -147,12 +153,6 @@ class FastLanguageModel:
             raise NotImplementedError("float8_kv_cache=True needs CUDA")
         _check_device_map(device_map, cuda)
         gc_mode = normalize_gc_mode(use_gradient_checkpointing)
-        if not isinstance(disable_log_stats, bool):
-            raise ValueError(f"disable_log_stats must be True or False, got {disable_log_stats!r}")
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if max_seq_length < 1:
-            raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
 
         config = AutoConfig.from_pretrained(model_name, token=token, revision=revision,
                                             trust_remote_code=trust_remote_code, **hf.config_kwargs())
@@ -214,8 +214,8 @@ class FastLanguageModel:
                 trust_remote_code=trust_remote_code, device_map="cuda" if cuda else None,
                 quantization_config=quant)
             resize_for_from_pretrained(model, resize_model_vocab)
-            if not full_finetuning:
-                model.requires_grad_(False)
+            model.requires_grad_(full_finetuning)
+            model.__dict__["_trainserve_full_finetuning"] = full_finetuning  # get_peft_model refuses it
         _finish_model(model, fast_cls, max_seq_length, gc_mode, fast=False)
         return model, tokenizer
 
@@ -244,8 +244,9 @@ class FastLanguageModel:
         if kwargs:
             raise TypeError(f"get_peft_model got unexpected arguments {sorted(kwargs)}")
         state = model_api.state_of(model)
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
+        check_peft_arguments(r=r, lora_alpha=lora_alpha, random_state=random_state, use_rslora=use_rslora,
+                             max_seq_length=max_seq_length, target_modules=target_modules)
+        gc_mode = normalize_gc_mode(use_gradient_checkpointing)  # before peft changes the model
         if state is not None and r > state.max_lora_rank:
             raise ValueError(f"r={r} exceeds max_lora_rank={state.max_lora_rank} given to "
                              "from_pretrained; raise max_lora_rank there or lower r")
@@ -256,7 +257,7 @@ class FastLanguageModel:
         if isinstance(target_modules, str):
             target_modules = [target_modules]
         target_modules, full_modules = split_targets(target_modules, modules_to_save)
-        check_lora_targets(state, target_modules, full_modules)
+        check_lora_targets(state, target_modules, full_modules, model)
         check_bias(bias, fast=state is not None)
         if full_modules and state is not None:
             refuse_with_engine(full_modules)
@@ -275,7 +276,7 @@ class FastLanguageModel:
             **lora_config_arguments(model.config, full_modules),
         )
         peft_model = get_peft_model(model, config)
-        _setup_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+        _setup_gradient_checkpointing(peft_model, gc_mode)
         if max_seq_length is not None:
             peft_model.max_seq_length = max_seq_length
         if state is not None:
@@ -362,8 +363,6 @@ def _finish_model(model: Any, fast_cls: Any, max_seq_length: int, gc_mode: Any, 
 
 
 def _setup_gradient_checkpointing(peft_model: Any, mode: Any) -> None:
-    if mode not in (True, False, "unsloth"):
-        raise ValueError(f"use_gradient_checkpointing must be True, False or 'unsloth', got {mode!r}")
     base = peft_model.get_base_model()
     get_fast_model_class(base.config.model_type).patch_model(base, use_gradient_checkpointing=mode)
 

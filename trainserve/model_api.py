@@ -68,6 +68,20 @@ def _normalise_prompts(prompts: Any) -> list[Any]:
     raise TypeError(f"prompts must be a str, a list of str, or token ids; got {type(prompts).__name__}")
 
 
+def _sampling_params(sampling_params: Any) -> Any:
+    """``SamplingParams()`` for None; a ``SamplingParams`` or a list of them (one per prompt) as given."""
+    from vllm import SamplingParams
+
+    if sampling_params is None:
+        return SamplingParams()
+    if isinstance(sampling_params, SamplingParams) or (
+            isinstance(sampling_params, (list, tuple)) and sampling_params
+            and all(isinstance(p, SamplingParams) for p in sampling_params)):
+        return sampling_params
+    raise TypeError("sampling_params must be a vllm.SamplingParams or a list of them (one per prompt), "
+                    f"got {sampling_params!r}")
+
+
 def _adapter_enabled(peft_model: Any) -> bool:
     """False inside ``with model.disable_adapter():`` or when the adapter is merged into the base."""
     from peft.tuners.lora import LoraLayer
@@ -91,9 +105,7 @@ def fast_generate(self: Any, prompts: Any, sampling_params: Any = None, lora_req
     state = state_of(self)
     if state is None:
         raise RuntimeError(f"fast_generate {_NEEDS_ENGINE}")
-    from vllm import SamplingParams
-
-    params = sampling_params if sampling_params is not None else SamplingParams()
+    params = _sampling_params(sampling_params)
     batch = _normalise_prompts(prompts)
     state.registry.check_usable(lora_request)
     if state.live_base is not None:  # full fine-tuning: no KV from before a weight change is reused
@@ -108,8 +120,21 @@ def fast_generate(self: Any, prompts: Any, sampling_params: Any = None, lora_req
         standby.after_generate()
 
 
+# peft's PeftModel.save_pretrained keywords save_lora passes on (peft ignores any other keyword).
+_SAVE_KEYWORDS = ("selected_adapters", "save_embedding_layers", "is_main_process")
+
+
 def save_lora(self: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-    """Save the active adapter as a PEFT directory (``adapter_config.json`` + safetensors)."""
+    """Save the active adapter as a PEFT directory (``adapter_config.json`` + safetensors); ``kwargs``:
+    peft's ``selected_adapters``, ``save_embedding_layers``, ``is_main_process``."""
+    if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
+        raise TypeError(f"save_lora needs a directory path, got save_directory={save_directory!r}")
+    if kwargs.pop("safe_serialization", True) is not True:
+        raise ValueError("save_lora(safe_serialization=False) is not supported: load_lora and vLLM read "
+                         "adapter_model.safetensors")
+    unknown = sorted(set(kwargs) - set(_SAVE_KEYWORDS))
+    if unknown:
+        raise TypeError(f"save_lora got unexpected arguments {unknown} (accepted: {list(_SAVE_KEYWORDS)})")
     state = state_of(self)
     peft_model = state.peft_model if state is not None and state.peft_model is not None else self
     if not hasattr(peft_model, "peft_config"):
@@ -128,6 +153,8 @@ def load_lora(self: Any, save_directory: str | os.PathLike, load_tensors: bool =
     """
     if load_tensors:
         raise NotImplementedError("load_lora(load_tensors=True) is not supported; adapters load from disk")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"load_lora name must be a non-empty str or None, got name={name!r}")
     state = state_of(self)
     if state is None:
         raise RuntimeError(f"load_lora {_NEEDS_ENGINE}")

@@ -54,14 +54,15 @@ def split_targets(target_modules: Sequence[str], modules_to_save: Any) -> tuple[
     return lora, full
 
 
-def check_lora_targets(state: Any, lora: list[str], full: list[str]) -> None:
+def check_lora_targets(state: Any, lora: list[str], full: list[str], model: Any = None) -> None:
     """``get_peft_model``'s refusals of what it was asked to train (``lora``/``full`` from
-    :func:`split_targets`; ``state`` the engine state of the model, or None), before anything changes.
+    :func:`split_targets`; ``state`` the engine state of ``model``, or None), before anything changes.
 
     * A ``full_finetuning=True, fast_inference=True`` model (``state.live_base``) already trains every
       base parameter in place, served live; a LoRA adapter on it would be a second trainer of the
       same engine weights (its live slot would be served on top of a base the adapter does not
-      track), so it is refused.
+      track), so it is refused. Without the engine too: peft would freeze every base parameter, so
+      ``full_finetuning=True`` would silently become LoRA.
     * ``embed_tokens``/``lm_head`` are trained in full, not by LoRA: with no projection left, peft
       would have no LoRA module to build; a projection trainserve does not serve is refused by name."""
     from trainserve.adapters import SUPPORTED_TARGETS, unsupported_targets_message
@@ -71,6 +72,10 @@ def check_lora_targets(state: Any, lora: list[str], full: list[str]) -> None:
                          "every parameter of that model is already trained in place (the engine serves it "
                          "live), so a LoRA adapter cannot be added. Train the model itself, or load it with "
                          "full_finetuning=False for LoRA")
+    if state is None and model is not None and model.__dict__.get("_trainserve_full_finetuning"):
+        raise ValueError("get_peft_model on a model loaded with full_finetuning=True: peft would freeze every base "
+                         "parameter, so the model would train only a LoRA adapter instead of every weight. Train "
+                         "the model itself, or load it with full_finetuning=False for LoRA")
     if not lora:
         moved = f" ({full} are trained in full, as modules_to_save, not by LoRA)" if full else ""
         raise ValueError(f"target modules is empty{moved}: LoRA needs at least one projection in target_modules; "

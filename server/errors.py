@@ -93,6 +93,7 @@ def from_engine_error(exc: BaseException) -> APIError:
     return bad_request(str(exc), param=getattr(exc, "parameter", None))
 
 
+_NOT_JSON = "We could not parse the JSON body of your request"  # OpenAI's words
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
@@ -119,7 +120,7 @@ def install_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
         param = _param_of(first.get("loc", ()))
@@ -127,6 +128,18 @@ def install_handlers(app: FastAPI) -> None:
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more)"
         kind = str(first.get("type", ""))
+        if kind == "json_invalid":  # FastAPI's loc is ("body", <character offset>): not a field
+            where = first.get("loc", ())[-1:]
+            at = f" at character {where[0]}" if where and isinstance(where[0], int) else ""
+            return error_response(400, f"{_NOT_JSON} ({(first.get('ctx') or {}).get('error', 'invalid JSON')}{at})",
+                                  code="invalid_json")
+        if kind == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+            # a JSON array or string, or a body FastAPI did not parse (curl -d: form-encoded)
+            sent = (request.headers.get("content-type") or "none")[:100]
+            return error_response(
+                400, f"The request body must be a JSON object sent as Content-Type: application/json (got {sent})",
+                code="invalid_json",
+            )
         code = "invalid_type" if kind.endswith(("_type", "_parsing", "json_invalid")) else "invalid_value"
         if kind == "extra_forbidden":  # OpenAI's wording for a field it does not know
             message, code = f"Unrecognized request argument supplied: {param}", "unknown_parameter"
@@ -134,4 +147,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body json.loads cannot take (not UTF-8, nested too deeply)
+            return error_response(400, f"{_NOT_JSON} (not UTF-8, or nested too deeply)", code="invalid_json")
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))

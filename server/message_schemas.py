@@ -25,8 +25,8 @@ class StrictModel(BaseModel):
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         """``"n": null`` is ``n``'s default (OpenAI and vLLM accept explicit nulls)."""
-        if not isinstance(data, dict):
-            return data
+        if not isinstance(data, dict) or not any(v is None for v in data.values()):
+            return data  # (most messages of a long conversation: no per-field work on the event loop)
         fields = cls.model_fields
         return {
             k: v

@@ -66,7 +66,8 @@ def check_raw_messages(data: Any, fields: set[str]) -> Any:
                         param=f"messages.{i}.{key}",
                         code="unsupported_parameter",
                     )
-            message = {k: v for k, v in message.items() if k not in extra}
+            if extra:
+                message = {k: v for k, v in message.items() if k not in extra}
         messages.append(message)
     return {**data, "messages": messages}
 

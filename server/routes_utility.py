@@ -4,7 +4,9 @@
 Same request and response shapes as ``vllm serve`` (so tools that count tokens or probe a vLLM
 server work unchanged); behind the API key like every other route. Tokenising runs in a worker
 thread, never on the event loop, and a text longer than any prompt could be
-(``max_model_len × max_chars_per_token``) is refused before it is tokenised, as for completions.
+(``max_model_len × max_chars_per_token``) is refused before it is tokenised, as for completions, and
+so are more tokens to detokenise than ``max_model_len`` (a decode holds the GIL: it would stall
+every other request).
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
 async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
     state = request.app.state.server
     _check_model(state, body.model)
+    if len(body.tokens) > state.max_model_len:  # the tokenizer's decode holds the GIL throughout
+        raise bad_request(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, you asked to "
+            f"detokenize {len(body.tokens)} tokens.",
+            param="tokens",
+            code="context_length_exceeded",
+        )
     if body.tokens and max(body.tokens) >= state.vocab_size:
         raise bad_request(
             f"token id {max(body.tokens)} is out of vocabulary (size {state.vocab_size})", param="tokens"

@@ -14,7 +14,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
 from trainserve.server.errors import bad_request
 from trainserve.server.message_schemas import ChatMessage, StrictModel, check_messages
 from trainserve.server.messages import conversation
@@ -76,27 +76,48 @@ _WHY.update(
 _LOGIT_BIAS_KEY = re.compile(r"^[0-9]{1,10}$")
 
 
-def _bad_unicode(value: Any, path: str) -> str | None:
-    """The path of the first string (key or value) in ``value`` that is not valid Unicode."""
+_LEAVES = frozenset({int, float, bool, type(None)})  # JSON values that hold no string
+# objects and arrays a body may nest: vLLM's JSON schemas nest at most 64 levels, and deeper values
+# (a schema, a tool's parameters, chat_template_kwargs) reach Python's recursion limit in copy.deepcopy
+# or the template renderer: a 500 instead of a 400
+MAX_BODY_DEPTH = 128
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_unicode(value: Any, path: str, depth: int = 0) -> str | None:
+    """The path of the first string (key or value) in ``value`` that is not valid Unicode; a 400
+    for objects and arrays nested deeper than :data:`MAX_BODY_DEPTH`.
+
+    Runs on the event loop for every body up to ``--max-request-bytes``: numbers are skipped
+    without a Python call each (a list of millions of token ids costs milliseconds, not seconds)."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "body"
-        return None
+        return None if _encodes(value) else (path or "body")
+    if isinstance(value, (dict, list)) and depth >= MAX_BODY_DEPTH:
+        field = path.split(".")[0]
+        raise bad_request(
+            f"{field} is nested too deeply (more than {MAX_BODY_DEPTH} levels of objects and arrays)", param=field
+        )
     if isinstance(value, dict):
         for key, item in value.items():
-            sub = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str) and _bad_unicode(key, sub) is not None:
+            if isinstance(key, str) and not _encodes(key):
                 return path or "body"
-            found = _bad_unicode(item, sub)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
+            if type(item) not in _LEAVES:
+                found = _bad_unicode(item, f"{path}.{key}" if path else str(key), depth + 1)
+                if found is not None:
+                    return found
+    elif isinstance(value, list) and not _LEAVES.issuperset(map(type, value)):
         for i, item in enumerate(value):
-            found = _bad_unicode(item, f"{path}.{i}" if path else str(i))
-            if found is not None:
-                return found
+            if type(item) not in _LEAVES:
+                found = _bad_unicode(item, f"{path}.{i}" if path else str(i), depth + 1)
+                if found is not None:
+                    return found
     return None
 
 
@@ -250,8 +271,28 @@ class SamplingFields(_Request):
         return self
 
 
+def _prompt_kind(value: Any) -> str:
+    """Which form of ``prompt`` to validate, from its first element: pydantic then checks that form
+    alone (a plain union validates a list of millions of token ids against every form, collecting an
+    error per element of each failing one, for seconds on the event loop). The tags are not
+    identifiers, so error params stay ``prompt.<i>``."""
+    if isinstance(value, list) and value:
+        first = value[0]
+        return "list[str]" if isinstance(first, str) else "list[list]" if isinstance(first, list) else "list[int]"
+    return "list[int]" if isinstance(value, list) else "str"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[list[str], Tag("list[str]")]
+    | Annotated[list[TokenId], Tag("list[int]")]
+    | Annotated[list[list[TokenId]], Tag("list[list]")],
+    Discriminator(_prompt_kind),
+]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: Prompt
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     add_special_tokens: bool = True  # vLLM: the tokenizer's BOS etc. are added to text prompts

@@ -231,6 +231,9 @@ def bad_adapter(good: str | os.PathLike, out_dir: str | os.PathLike, kind: str) 
     elif kind == "corrupt_config":
         cfg_path.write_text('{"r": 8, "target_modules": ')
         cfg = None
+    elif kind == "deep_config":  # json.loads raises RecursionError, not a ValueError
+        cfg_path.write_text("[" * 100_000 + "]" * 100_000)
+        cfg = None
     elif kind == "bad_alpha":
         cfg["lora_alpha"] = "lots"
     elif kind == "string_alpha":  # float("16") works, vLLM's alpha / r does not

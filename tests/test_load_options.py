@@ -243,3 +243,19 @@ def test_saved_adapter_on_lm_head_is_called_unsupported(tmp_path):
     with pytest.raises(AdapterError, match="not supported") as info:
         validate_adapter_dir(tmp_path, AutoConfig.from_pretrained(tiny_model()), 16)
     assert "do not exist" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[]", "must hold a JSON object, got list"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON: RecursionError"),
+    ('"lora"', "must hold a JSON object, got str"),
+])
+def test_a_malformed_adapter_config_is_an_adapter_error(tmp_path, text, match):
+    from transformers import AutoConfig
+
+    from trainserve.adapters import AdapterError, validate_adapter_dir
+
+    (tmp_path / "adapter_config.json").write_text(text)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterError, match=match):
+        validate_adapter_dir(tmp_path, AutoConfig.from_pretrained(tiny_model()), 16)

@@ -93,6 +93,7 @@ BAD_KINDS = [
     "no_config",
     "corrupt_weights",
     "corrupt_config",
+    "deep_config",
     "bad_alpha",
     "string_alpha",
     "huge_b",
@@ -161,6 +162,8 @@ def test_bad_adapters_are_400_and_everything_keeps_serving(http, server, pool):
     assert "overflows" in messages["huge_b"] and "overflows" in messages["huge_alpha"]
     assert "no lora_B tensor" in messages["no_lora_b"]
     assert "rank_pattern (rank 4)" in messages["rank_pattern"]
+    deep = http.post("/v1/load_lora_adapter", json={"lora_name": "d", "lora_path": cases["deep_config"]})
+    assert "nested too deeply" in deep.json()["error"]["message"]  # was a 500 (RecursionError)
     assert http.get("/health").json()["status"] == "ok"
     shutil.rmtree(outside)
 
@@ -274,3 +277,15 @@ def test_health_error_clears_when_the_good_content_returns(http, server):
     for path in (flip, good, bad):
         shutil.rmtree(path)
     wait_for(lambda: "flip" not in _model_ids(http), what="flip to go")
+
+
+def test_deeply_nested_config_in_the_directory_is_listed_in_health(http, server):
+    """An adapter_config.json json.loads cannot take (RecursionError) is a rejected adapter in /health,
+    not an aborted watcher pass that leaves it neither served nor reported."""
+    deep = Path(bad_adapter(server.adapters_dir / "a1", server.adapters_dir.parent / "deep_tmp", "deep_config"))
+    os.rename(deep, server.adapters_dir / "deep")
+    message = wait_for(lambda: http.get("/health").json().get("adapter_errors", {}).get("deep"), what="the rejection")
+    assert "nested too deeply" in message
+    assert complete(http, "a1", max_tokens=2)["system_fingerprint"].startswith("a1@")
+    shutil.rmtree(server.adapters_dir / "deep")
+    wait_for(lambda: "deep" not in http.get("/health").json().get("adapter_errors", {}), what="the error to clear")

@@ -219,6 +219,8 @@ def test_ignore_eos_and_max_tokens_default(http, server):
         ({"stop": 3}, "stop"),
         ({"prompt": {"text": "x"}}, "prompt"),
         ({"prompt": [100000]}, "prompt"),
+        ({"prompt": [1, -1]}, "prompt.1"),
+        ({"prompt": [[1], "x"]}, "prompt.1"),
         ({"logprobs": 50}, "logprobs"),
         ({"stream": "yes"}, "stream"),
         ({"tools": [{"type": "function"}]}, "tools"),

@@ -217,6 +217,59 @@ def test_invalid_unicode_and_nul_bytes_are_json_400(http, server):
     assert complete(http, server.model, max_tokens=2)["usage"]["completion_tokens"] == 2  # same connection
 
 
+def test_a_body_that_is_not_json_is_a_400_naming_no_field(http, server):
+    raw = {"content-type": "application/json"}
+    bodies = [b'{"model": ', b"[" * 100_000 + b"]" * 100_000, b'{"model": "x", "prompt": "\xff"}']
+    errors = [_error(http.post("/v1/completions", content=body, headers=raw)) for body in bodies]
+    for err in errors:  # was param "10" and "10: JSON decode error" (FastAPI's loc is a character offset)
+        assert err["param"] is None and err["code"] == "invalid_json", err
+        assert err["message"].startswith("We could not parse the JSON body of your request"), err
+    assert "at character 10" in errors[0]["message"]
+    form = {"content-type": "application/x-www-form-urlencoded"}  # what curl -d sends
+    for body, headers in ((b"[1, 2]", raw), (json.dumps({"model": server.model, "prompt": "x"}), form)):
+        err = _error(http.post("/v1/completions", content=body, headers=headers))
+        assert err["code"] == "invalid_json" and "must be a JSON object" in err["message"], err
+        assert headers["content-type"] in err["message"]
+    assert complete(http, server.model, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_values_nested_too_deeply_are_a_400(http, server):
+    """A 900-level JSON schema was a 500 (RecursionError copying the sampling parameters)."""
+    deep = json.loads('{"a":' * 900 + "1" + "}" * 900)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": deep}}
+    for path, body, param in [
+        ("/v1/chat/completions", _chat(server, response_format=fmt), "response_format"),
+        ("/v1/completions", {"model": server.model, "prompt": "x", "structured_outputs": {"json": deep}},
+         "structured_outputs"),
+        ("/v1/chat/completions", _chat(server, chat_template_kwargs={"x": deep}), "chat_template_kwargs"),
+    ]:
+        err = _error(http.post(path, json=body))
+        assert err["param"] == param and "nested too deeply" in err["message"], err
+    assert complete(http, server.model, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_token_id_prompts_cost_no_python_call_per_id(monkeypatch):
+    """Validation runs on the event loop: a body of millions of token ids stalled every client for
+    seconds (a Unicode check called per id; the prompt union checked every form, one error per id)."""
+    from pydantic import ValidationError
+    from trainserve.server import schemas
+
+    calls = [0]
+    original = schemas._bad_unicode
+
+    def counting(value, path, depth=0):
+        calls[0] += 1
+        return original(value, path, depth)
+
+    monkeypatch.setattr(schemas, "_bad_unicode", counting)
+    ids = [5] * 100_000
+    assert schemas.CompletionRequest.model_validate({"model": "m", "prompt": [ids, ids]}).prompt == [ids, ids]
+    assert calls[0] < 10
+    with pytest.raises(ValidationError) as exc:
+        schemas.CompletionRequest.model_validate({"model": "m", "prompt": ids + [-1]})
+    assert [e["loc"][-1] for e in exc.value.errors()] == [100_000]  # only the token-id form, one error
+
+
 def test_unexpected_exceptions_are_json_500_and_the_app_keeps_serving():
     import asyncio
     from types import SimpleNamespace

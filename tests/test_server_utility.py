@@ -65,6 +65,7 @@ def test_tokenize_messages_matches_the_chat_prompt(http, server):
          "chat_template"),
         ("/detokenize", {"tokens": [10**6]}, 400, "tokens"),
         ("/detokenize", {"tokens": [-1]}, 400, "tokens.0"),
+        ("/detokenize", {"tokens": [1] * 257}, 400, "tokens"),  # > max_model_len: a decode holds the GIL
         ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
     ],
 )

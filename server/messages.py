@@ -32,6 +32,11 @@ _INSTEAD = {
 }
 
 
+MAX_MESSAGES = 4096
+"""Messages per chat or tokenize request (each costs at least a few template tokens, so a request past
+this cannot fit any context trainserve serves; hosted OpenAI-compatible APIs cap it lower)."""
+
+
 def check_raw_messages(data: Any, fields: set[str]) -> Any:
     """Name what a message holds that this server cannot honour (media parts, the legacy
     ``function`` role and ``function_call``) instead of pydantic's union error ("Input should be a
@@ -39,6 +44,10 @@ def check_raw_messages(data: Any, fields: set[str]) -> Any:
     null`` as the openai SDK sends back)."""
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         return data
+    if len(data["messages"]) > MAX_MESSAGES:
+        # checked before pydantic validates each one: 200K tiny messages (6 MB) stalled every client ~2 s
+        raise bad_request(f"at most {MAX_MESSAGES} messages per request, got {len(data['messages'])}",
+                          param="messages", code="too_many_messages")
     messages = []
     for i, message in enumerate(data["messages"]):
         if isinstance(message, dict):

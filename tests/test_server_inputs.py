@@ -66,6 +66,16 @@ def test_request_body_over_the_limit_is_413(http, server):
     assert complete(http, server.model, max_tokens=2)["usage"]["completion_tokens"] == 2
 
 
+def test_too_many_messages_are_refused_before_validating_each(http, server):
+    from trainserve.server.messages import MAX_MESSAGES
+
+    messages = [{"role": "user", "content": "x"}] * (MAX_MESSAGES + 1)
+    for path in ("/v1/chat/completions", "/tokenize"):
+        err = _error(http.post(path, json={"model": server.model, "messages": messages, "max_tokens": 2}), 400)
+        assert err["code"] == "too_many_messages" and err["param"] == "messages", err
+    assert complete(http, server.model, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
 def test_prompt_longer_than_any_context_is_refused_before_tokenising(http, server, tokenizer):
     long_text = "abc " * 50_000  # 200 kB, under the body limit
     for path, body in (

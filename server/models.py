@@ -244,8 +244,6 @@ class ModelTable:
                     info = validate_adapter_dir(snap, self.hf_config, self.max_lora_rank, dtype)
                 except AdapterError as exc:  # name the user's directory, not the snapshot
                     raise AdapterError(str(exc).replace(snap, str(src))) from exc
-                except RecursionError as exc:  # json.loads of an adapter_config.json like "[[[[…"
-                    raise AdapterError("adapter_config.json is nested too deeply to read") from exc
                 if existing is not None and existing.digest == info.digest:
                     shutil.rmtree(snap, ignore_errors=True)
                     with self._lock:  # the good content is back: an earlier rejection is stale

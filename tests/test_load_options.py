@@ -247,7 +247,7 @@ def test_saved_adapter_on_lm_head_is_called_unsupported(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("[]", "must hold a JSON object, got list"),
-    ("[" * 100_000 + "]" * 100_000, "not valid JSON: RecursionError"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply to read"),
     ('"lora"', "must hold a JSON object, got str"),
 ])
 def test_a_malformed_adapter_config_is_an_adapter_error(tmp_path, text, match):

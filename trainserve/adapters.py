@@ -169,8 +169,10 @@ def _validate_adapter_dir(
         raise AdapterError(f"{str(root)!r} has no adapter_model.safetensors")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:  # nesting past Python's limit
-        raise AdapterError(f"adapter_config.json is not valid JSON: {type(exc).__name__}: {exc}") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"adapter_config.json is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # "[[[[…": json.loads goes past Python's recursion limit
+        raise AdapterError("adapter_config.json is nested too deeply to read") from exc
     if not isinstance(cfg, dict):
         raise AdapterError(f"adapter_config.json must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import sft_batch
+from helpers import sft
 
 from trainserve import FastLanguageModel, add_new_tokens, tiny_model
 
@@ -24,14 +24,7 @@ def _load(path: str, **kw):
 
 
 def _train(model, tok, steps: int = 40) -> None:
-    ids, labels = sft_batch(tok, PROMPT, " <|beta|> <|alpha|>")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    sft(model, tok, PROMPT, " <|beta|> <|alpha|>", steps=steps, lr=1e-2)
 
 
 def _greedy(model, tok, n: int = 4) -> list[int]:

@@ -233,8 +233,9 @@ def build_checkpoint(shape: str, path: str, device: str | None = None) -> str:
 
 
 def run_arm(arm: str, settings: dict[str, Any], timeout: float, work: Path, command: str,
-            nproc: int = 1, name: str | None = None) -> dict[str, Any]:
-    """Run one arm in its own process group (under torchrun with ``nproc`` > 1, recorded as ``name``);
+            nproc: int = 1, name: str | None = None, gpus: int = 0) -> dict[str, Any]:
+    """Run one arm in its own process group (under torchrun with ``nproc`` > 1, recorded as ``name``;
+    one process on a host with ``gpus`` > 1 sees only the first GPU);
     its output goes to ``work/<name>.log`` (progress lines are echoed); returns its result, partial if
     it was stopped at ``timeout``."""
     name = name or arm
@@ -247,7 +248,7 @@ def run_arm(arm: str, settings: dict[str, Any], timeout: float, work: Path, comm
     t0 = time.time()
     cmd = launch.worker_command(PY, str(Path(__file__).resolve()), ["--worker", arm, "--settings", str(settings_path),
                                 "--result", str(result_path), "--t0", repr(t0)], nproc)
-    env = launch.launch_env(nproc, settings.get("dist_timeout", 300), bool(sys.flags.safe_path))
+    env = launch.launch_env(nproc, settings.get("dist_timeout", 300), bool(sys.flags.safe_path), gpus=gpus)
     say(f"{name}: starting (timeout {timeout:.0f} s, log {log_path})")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([os.path.basename(sys.executable), *PY[1:], *(sys.argv if argv is None else
                                                                        [sys.argv[0], *argv])])
     say(f"command: {command}")
-    gpus = visible_gpu_count() if args.nproc > 1 else 0
+    gpus = visible_gpu_count()  # NVML: no CUDA context in this process
     if args.nproc > 1 and not args.prepare_only and (why := launch.check_nproc(args.nproc, args.shape, gpus)):
         raise SystemExit(f"refused before starting anything: {why}")
     model_path = prepare_model(args.shape, args.model_dir, timeout=max(args.budget_s - 60, 60))
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                          "command": command, "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
             continue
         runs.append(run_arm(arm, settings, min(args.timeout, left / (len(args.arms) - i)), work, command,
-                            args.nproc, name))
+                            args.nproc, name, gpus))
         say(f"{name}: {'ok' if runs[-1].get('ok') else 'FAILED'} in {runs[-1].get('arm_wall_s')} s")
     device = device_name() or next((r["device"] for r in runs if r.get("device")), "cpu")
     date = dt.datetime.now(dt.UTC).date().isoformat()

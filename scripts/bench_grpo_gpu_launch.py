@@ -65,10 +65,19 @@ def worker_command(py: list[str], script: str, worker_args: list[str], nproc: in
 
 
 def launch_env(nproc: int, dist_timeout: float, safe_path: bool, env: Mapping[str, str] | None = None,
-               cpus: int | None = None) -> dict[str, str] | None:
-    """The environment of a torchrun launch (``None`` for 1 process: the parent's, unchanged)."""
+               cpus: int | None = None, gpus: int = 0) -> dict[str, str] | None:
+    """The environment of a torchrun launch (``None`` for 1 process: the parent's, unchanged).
+
+    One process on a host with ``gpus`` > 1 visible GPUs gets the first of them only: transformers'
+    Trainer would otherwise wrap the model in ``nn.DataParallel``, which TRL's GRPOTrainer refuses —
+    after the engine has loaded (a 7B arm lost two minutes to it on a 2-GPU H200 host)."""
     if nproc == 1:
-        return None
+        if gpus <= 1:
+            return None
+        out = dict(os.environ if env is None else env)
+        visible = out.get("CUDA_VISIBLE_DEVICES", "").strip()
+        out["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0].strip() if visible else "0"
+        return out
     out = dict(os.environ if env is None else env)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         out.pop(name, None)  # torchrun sets them; stale ones from an outer launcher would confuse it

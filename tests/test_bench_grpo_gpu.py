@@ -156,6 +156,11 @@ def test_torchrun_launch_command_and_environment():
     assert launch.worker_command(["/py", "-P"], "/b.py", worker, 2) == [
         "/py", "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "/b.py", *worker]
     assert launch.launch_env(1, 300, True) is None  # one process: the parent's environment, as before
+    assert launch.launch_env(1, 300, True, gpus=1) is None
+    # one process on a multi-GPU host sees one GPU (TRL's GRPOTrainer refuses nn.DataParallel)
+    one_gpu = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
+    assert launch.launch_env(1, 300, True, env={"PATH": "/bin"}, gpus=2) == one_gpu
+    assert launch.launch_env(1, 300, True, env={"CUDA_VISIBLE_DEVICES": "3, 5"}, gpus=2)["CUDA_VISIBLE_DEVICES"] == "3"
     env = launch.launch_env(2, 300, True, env={"RANK": "3", "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "5",
                                                 "PATH": "/bin"}, cpus=32)
     assert "RANK" not in env and env["PATH"] == "/bin" and env["PYTHONSAFEPATH"] == "1"

@@ -156,3 +156,30 @@ def test_from_pretrained_refuses_before_the_engine_starts(tiny_path, monkeypatch
         with pytest.raises(LauncherError, match="LOCAL_RANK is not set"):
             FastLanguageModel.from_pretrained(tiny_path, fast_inference=True)
     assert current_engine() is before
+
+
+def test_several_gpus_in_one_process_are_refused_before_grpo_loads(tmp_path, monkeypatch, capsys):
+    """On a 2-GPU host, one `trainserve grpo` process used to load the model and start its engine before
+    TRL refused transformers' nn.DataParallel; now it stops before loading, naming both ways out."""
+    import torch
+
+    import trainserve
+    from trainserve.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(trainserve.FastLanguageModel, "from_pretrained", no_load)
+    assert main(["grpo", "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    out = capsys.readouterr().out
+    assert "2 GPUs are visible to this one process" in out
+    assert "CUDA_VISIBLE_DEVICES=0" in out and "torchrun --nproc_per_node 2" in out
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    from trainserve.distributed import check_one_device_per_process
+
+    check_one_device_per_process()  # one GPU: nothing to refuse

@@ -92,6 +92,24 @@ def launcher_world(env: Mapping[str, str] | None = None) -> LauncherWorld | None
     return LauncherWorld(rank, world_size, local_rank, max(local_world_size, local_rank + 1))
 
 
+def check_one_device_per_process() -> None:
+    """Refuse several visible GPUs in one process outside a launcher, before a model loads.
+
+    trainserve's model lives on one device (its engine's), and transformers' ``Trainer`` would wrap
+    it in ``nn.DataParallel`` when it sees more than one GPU, which TRL's ``GRPOTrainer`` refuses —
+    but only once it is built, after the model and its engine have loaded (minutes at 7B)."""
+    if launcher_world() is not None:
+        return
+    import torch
+
+    if torch.cuda.is_available() and (n := torch.cuda.device_count()) > 1:
+        raise LauncherError(
+            f"{n} GPUs are visible to this one process (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); the trainer would wrap the model in "
+            "nn.DataParallel, which TRL's GRPOTrainer refuses. Train on one GPU with CUDA_VISIBLE_DEVICES=0, "
+            f"or on all of them with one process each: torchrun --nproc_per_node {n} ...")
+
+
 def is_main_process() -> bool:
     """True on rank 0 of a launcher's job and in a single process."""
     world = launcher_world()

@@ -34,8 +34,9 @@ class Precision:
 
 
 _ENGINE = {
-    # FP8: 128x128 block scales for both True and "block". vLLM's per-channel online FP8 was faster
-    # in GRPO (docs/quantization.md) but failed the GPU learning test; it is not offered until fixed.
+    # FP8: 128x128 block scales for both True and "block". vLLM's per-channel online FP8 is faster but
+    # runs W8A8: after training its logprobs differ from the trainer's by up to 0.25 nats (block: 0.001),
+    # outside bf16 noise (docs/quantization.md, "FP8: why per-channel is not offered").
     "int4": "trainserve_int4", "int8": "trainserve_int8", "fp8": "fp8_per_block",
     "nf4 (bitsandbytes)": "bitsandbytes",
 }

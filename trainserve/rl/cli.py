@@ -93,7 +93,7 @@ def run_grpo(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from trainserve import FastLanguageModel, tiny_model
-    from trainserve.distributed import is_main_process
+    from trainserve.distributed import check_one_device_per_process, is_main_process
     from trainserve.rl import checkpoint as ckpt
     from trainserve.rl.metrics import (
         METRICS_FILE,
@@ -107,6 +107,7 @@ def run_grpo(
     from trainserve.rl.toy_task import toy_config, toy_dataset, toy_reward_funcs
     from trainserve.rl.trainer import GRPOTrainer
 
+    check_one_device_per_process()  # before anything loads: TRL would refuse it after the engine started
     main_process = is_main_process()  # under torchrun: rank 0 writes the adapter, summary and plot
     os.makedirs(out, exist_ok=True)
     last = ckpt.latest_checkpoint(out)
@@ -265,7 +266,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"trainserve grpo: error: {problem}", file=sys.stderr)
         return 2
     what = f"the model in {args.model}" if args.model else "the embedded tiny Qwen2 (built once into the cache)"
-    from trainserve.distributed import is_main_process
+    from trainserve.distributed import LauncherError, is_main_process
 
     if is_main_process():  # under torchrun: once, from rank 0
         _say(f"trainserve grpo: loading torch, TRL and vLLM, then starting the engine on {what} "
@@ -280,7 +281,7 @@ def _main(args: argparse.Namespace) -> int:
             keep_checkpoints=args.keep_checkpoints, resume=args.resume, serve_port=args.serve_port,
             serve_host=args.serve_host, max_seq_length=args.max_seq_length,
             gpu_memory_utilization=args.gpu_memory_utilization, plot=not args.no_plot, overlap=args.overlap)
-    except GRPORunError as exc:
+    except (GRPORunError, LauncherError) as exc:
         print(f"trainserve grpo: {exc}")
         return 2
     if summary.get("rank") is None:  # torchrun: rank 0 prints the job's summary

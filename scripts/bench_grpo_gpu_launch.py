@@ -71,14 +71,13 @@ def launch_env(nproc: int, dist_timeout: float, safe_path: bool, env: Mapping[st
     One process on a host with ``gpus`` > 1 visible GPUs gets the first of them only: transformers'
     Trainer would otherwise wrap the model in ``nn.DataParallel``, which TRL's GRPOTrainer refuses —
     after the engine has loaded (a 7B arm lost two minutes to it on a 2-GPU H200 host)."""
+    if nproc == 1 and gpus <= 1:
+        return None
+    out = dict(os.environ if env is None else env)
     if nproc == 1:
-        if gpus <= 1:
-            return None
-        out = dict(os.environ if env is None else env)
         visible = out.get("CUDA_VISIBLE_DEVICES", "").strip()
         out["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0].strip() if visible else "0"
         return out
-    out = dict(os.environ if env is None else env)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         out.pop(name, None)  # torchrun sets them; stale ones from an outer launcher would confuse it
     if safe_path:

@@ -130,7 +130,6 @@ def _child(path: str, quantization: str, standby: bool, steps: int) -> dict:
     engine_lp = torch.tensor([d[t].logprob for d, t in zip(out.logprobs, out.token_ids, strict=True)])
     r.update(learnt=list(out.token_ids)[: len(t_ids) - 1] == t_ids[:-1],
              gap_max=(trainer - engine_lp).abs().max().item(),
-             trainer_logprob_of_target_mean=None,
              bytes_same_after_training=checksums() == sums0, engine_ptrs_same=engine_ptrs() == ptrs0)
     with torch.no_grad():  # the trainer's own view of the phrase, independent of the engine's greedy pick
         lp_t = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,19 +67,15 @@ def gpu_file_name(device_name: str, op: str) -> str:
 class _Bench:
     """Times one op at one shape under a fixed kernel config, inside a CUDA graph."""
 
-    def __init__(self, torch: Any, ops: Any, utils: Any, max_loras: int, rank: int, reps: int):
+    def __init__(self, torch: Any, ops: Any, utils: Any, max_loras: int, rank: int, reps: int, folder: Path):
         self.torch, self.ops, self.utils, self.reps = torch, ops, utils, reps
-        self.max_loras, self.rank = max_loras, rank
-        self.folder: Path | None = None
+        self.max_loras, self.rank, self.folder = max_loras, rank, folder
 
     def use(self, op_file: str | None, data: dict[str, Any] | None) -> None:
         """Point vLLM at a folder holding only ``data`` as ``op_file`` (None: vLLM's defaults)."""
-        import os
-
         if op_file is None:
             os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
         else:
-            assert self.folder is not None
             (self.folder / op_file).write_text(json.dumps(data))
             os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(self.folder)
         import vllm.envs as envs
@@ -140,8 +137,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
 
     shape = QWEN2_SHAPES[args.shape]
     kernel_loras = args.max_loras + 1
-    bench = _Bench(torch, ops, utils, kernel_loras, args.rank, args.reps)
-    bench.folder = Path(tempfile.mkdtemp(prefix="lora_tune_"))
+    bench = _Bench(torch, ops, utils, kernel_loras, args.rank, args.reps, Path(tempfile.mkdtemp(prefix="lora_tune_")))
     name = torch.cuda.get_device_name()
     files = {"shrink": gpu_file_name(name, "SHRINK"), "expand": gpu_file_name(name, "EXPAND_TRUE")}
     best: dict[str, list[tuple[int, int, int, int, int, dict[str, Any]]]] = {"shrink": [], "expand": []}

@@ -11,20 +11,10 @@ stdout line (``{"text": ...}`` or ``{"error": ...}``); the first line out is ``{
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from typing import Any
 
-
-def _cap_memory(extra: int) -> None:
-    """Allow ``extra`` bytes of address space beyond what the imports mapped."""
-    try:
-        with open("/proc/self/status") as f:
-            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    except (OSError, StopIteration):
-        size = 0
-    limit = size + extra if size else extra * 4
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from worker_memory import cap_memory  # a sibling script: the script's directory is on sys.path
 
 
 def _render(render: Any, job: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +39,7 @@ def _render(render: Any, job: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    _cap_memory(int(sys.argv[1]))
+    cap_memory(int(sys.argv[1]))
     out = sys.stdout
     out.write('{"ready": true}\n')
     out.flush()

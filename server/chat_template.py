@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
-import select
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from trainserve.server.errors import APIError, bad_request
+from trainserve.server.worker_process import kill_worker, readline_within
 
 TIMEOUT_S = 5.0  # a real chat template renders in milliseconds
 MEMORY_BYTES = 512 * 1024 * 1024
@@ -72,8 +70,8 @@ class TemplateRenderer:
             stderr=subprocess.DEVNULL,
             bufsize=0,
         )
-        if _readline(proc, STARTUP_TIMEOUT_S) != b'{"ready": true}':
-            _kill(proc)
+        if readline_within(proc, STARTUP_TIMEOUT_S) != b'{"ready": true}':
+            kill_worker(proc)
             raise APIError(503, "the chat template renderer did not start", code="template_renderer_unavailable")
         return proc
 
@@ -88,11 +86,11 @@ class TemplateRenderer:
                 assert proc.stdin is not None
                 proc.stdin.write(payload)
                 proc.stdin.flush()
-                line = _readline(proc, self.timeout)
+                line = readline_within(proc, self.timeout)
             except OSError:
                 line = None
             if line is None:  # overran the limit, or died (memory): replace the worker
-                _kill(proc)
+                kill_worker(proc)
                 self._proc = None
                 raise bad_request(
                     f"the chat template did not render within {self.timeout:g} s and "
@@ -109,34 +107,8 @@ class TemplateRenderer:
     def close(self) -> None:
         with self._lock:
             if self._proc is not None:
-                _kill(self._proc)
+                kill_worker(self._proc)
                 self._proc = None
-
-
-def _readline(proc: subprocess.Popen, timeout: float) -> bytes | None:
-    """One line from the worker, or None when it does not come within ``timeout`` or the worker died."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = bytearray()
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            return None
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            return None
-        buf += chunk
-        if b"\n" in buf:
-            return bytes(buf.split(b"\n", 1)[0])
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    proc.kill()
-    proc.wait()
-    for stream in (proc.stdin, proc.stdout):
-        if stream is not None:
-            stream.close()
 
 
 _RENDERER: TemplateRenderer | None = None

@@ -12,6 +12,11 @@ token from ``choices[i].logprobs``. As in vLLM (and OpenAI's legacy completions)
 * ``prompt_logprobs`` (vLLM's extra) puts vLLM's raw per-token dicts on each choice
   (``{token_id: {"logprob", "rank", "decoded_token"}}``, the first entry ``null``); it is refused
   with ``stream=true``, where there is no place to return it.
+
+Prompt logprobs are bounded per request (:func:`check_prompt_logprobs`): vLLM detokenises every
+entry (each prompt token and its alternatives, for each of the ``n`` copies of a prompt) on the
+engine thread as the prompt's prefill finishes, so 256 prompts × 240 tokens × 21 entries stalled
+every other client for 40 s on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +38,33 @@ def engine_prompt_logprobs(req: CompletionRequest) -> int | None:
             )
         return req.prompt_logprobs
     return req.logprobs if req.echo else None
+
+
+# entries of prompt logprobs one request may ask for (at least one full-context prompt at the maximum
+# of 20 alternatives; 30–200 µs each on a 2-core CPU): lm-eval's loglikelihood requests (logprobs=1,
+# 2 entries a token) fit 32k prompt tokens
+MAX_PROMPT_LOGPROB_ENTRIES = 1 << 16
+MAX_LOGPROBS = 20
+
+
+def check_prompt_logprobs(req: CompletionRequest, prompts: list[list[int]], k: int | None, max_model_len: int) -> None:
+    """A 400 before anything is queued when the prompt logprobs the engine would compute (``k`` from
+    :func:`engine_prompt_logprobs`: each prompt token and ``k`` alternatives, for each of the ``n``
+    completions of each prompt, as vLLM computes them per completion) exceed the per-request budget."""
+    if k is None:
+        return
+    tokens = sum(len(p) for p in prompts)
+    entries = tokens * req.n * (k + 1)
+    limit = max(MAX_PROMPT_LOGPROB_ENTRIES, max_model_len * (MAX_LOGPROBS + 1))
+    if entries > limit:
+        param = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
+        raise bad_request(
+            f"prompt logprobs for {tokens} prompt tokens x n={req.n} x {k + 1} (each token and {k} "
+            f"alternatives) are {entries} entries, more than the {limit} one request may ask for (the engine "
+            "computes them in one step, holding up every other request): send fewer or shorter prompts "
+            "per request, a smaller n, or a smaller prompt_logprobs / logprobs",
+            param=param,
+        )
 
 
 def prompt_texts(req: CompletionRequest, prompts: list[list[int]], tokenizer: Any, max_chars: int) -> list[str]:

@@ -88,9 +88,17 @@ def client_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+MAX_ENGINE_MESSAGE = 2000  # characters of a vLLM error message that are answered
+
+
 def from_engine_error(exc: BaseException) -> APIError:
-    """A 400 for an exception that vLLM raised while checking a request."""
-    return bad_request(str(exc), param=getattr(exc, "parameter", None))
+    """A 400 for an exception that vLLM raised while checking a request. vLLM's message repeats the
+    whole offending value (``value=[512, 513, ...]`` for 100k out-of-vocabulary ``logit_bias`` ids:
+    a 1.4 MB error body), so a long one is cut."""
+    message = str(exc)
+    if len(message) > MAX_ENGINE_MESSAGE:
+        message = message[:MAX_ENGINE_MESSAGE] + f"... ({len(message) - MAX_ENGINE_MESSAGE} more characters)"
+    return bad_request(message, param=getattr(exc, "parameter", None))
 
 
 _NOT_JSON = "We could not parse the JSON body of your request"  # OpenAI's words

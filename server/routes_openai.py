@@ -12,7 +12,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
-from trainserve.server.echo import EchoPlan, engine_prompt_logprobs, format_prompt_logprobs, prompt_texts
+from trainserve.server.echo import (
+    EchoPlan,
+    check_prompt_logprobs,
+    engine_prompt_logprobs,
+    format_prompt_logprobs,
+    prompt_texts,
+)
 from trainserve.server.errors import APIError, error_body
 from trainserve.server.generation import (
     ClientDisconnected,
@@ -23,7 +29,7 @@ from trainserve.server.generation import (
 )
 from trainserve.server.sampling import chat_prompt, completion_prompts, resolve_max_tokens, sampling_params
 from trainserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from trainserve.server.tools import ToolPlan, plan
+from trainserve.server.tools import ToolPlan, planned
 
 VERSION_HEADER = "x-trainserve-adapter-version"
 router = APIRouter()
@@ -225,8 +231,18 @@ async def _generate(
 ) -> Any:
     state = request.app.state.server
     params = sampling_params(body, max_tokens, logprobs, prompt_logprobs)
+    constraint = _constraint_param(body, tools)
+    if params.structured_outputs is not None and constraint is not None:  # before anything is queued
+        await asyncio.to_thread(state.grammars.check, params.structured_outputs, constraint)
     group = RequestGroup(state, body.model)
-    await group.submit(prompts, params)
+    try:
+        await group.submit(prompts, params)
+    except APIError as exc:
+        # vLLM's structured-output checks (run as the request is added) name no parameter; the
+        # engine's other checks at that point do, or were made earlier
+        if exc.status == 400 and exc.param is None and constraint is not None:
+            exc.param = constraint
+        raise
     run = _Run(state, body, chat, group, prompts, logprobs, echo, prompt_logprobs is not None, tools)
     headers = {VERSION_HEADER: group.label}
     if not body.stream:
@@ -243,6 +259,15 @@ async def _generate(
             run.count_tokens()
         return JSONResponse(run.final(), headers=headers)
     return EventSourceResponse(_stream(run), headers=headers, sep="\n", ping=15)
+
+
+def _constraint_param(body: SamplingFields, tools: ToolPlan | None) -> str | None:
+    """The request field that constrains the output, if any (named in its errors)."""
+    if tools is not None and tools.mode in ("named", "required"):
+        return "tools"  # the constraint is the schema of the tools' parameters
+    if body.response_format is not None and body.response_format.type != "text":
+        return "response_format"
+    return "structured_outputs" if body.structured_outputs is not None else None
 
 
 async def _stream(run: _Run) -> Any:
@@ -288,6 +313,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         1 if prompt_only else body.max_tokens, [len(p) for p in prompts], state.max_model_len, "max_tokens", "prompt"
     )
     prompt_logprobs = engine_prompt_logprobs(body)
+    check_prompt_logprobs(body, prompts, prompt_logprobs, state.max_model_len)
     echo = None
     if body.echo:
         texts = await asyncio.to_thread(prompt_texts, body, prompts, state.tokenizer, state.max_prompt_chars)
@@ -299,9 +325,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = request.app.state.server
     state.models.require(body.model)
-    tools = plan(body, state.tokenizer)
-    if tools is not None:
-        body = tools.adjust(body)
+    tools, body, tool_list = await asyncio.to_thread(planned, body, state.tokenizer)
     prompt = await asyncio.to_thread(
         chat_prompt,
         body,
@@ -309,7 +333,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         state.max_model_len,
         state.max_prompt_chars,
         state.config.trust_request_chat_template,
-        tools.tools if tools is not None else None,
+        tool_list,
     )
     requested, param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainserve.server import chat_template
-from trainserve.server.errors import bad_request, client_error_types, from_engine_error
+from trainserve.server.errors import APIError, bad_request, client_error_types, from_engine_error
 from trainserve.server.messages import conversation, without_tool_calls
 from trainserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -302,4 +302,13 @@ def sampling_params(
         values["structured_outputs"] = structured_outputs(req)
         return SamplingParams(**values)
     except client_error_types() as exc:
-        raise from_engine_error(exc) from exc
+        raise _named(from_engine_error(exc), values) from exc
+
+
+def _named(err: APIError, fields: Any) -> APIError:
+    """``err`` with ``param`` set: many of ``SamplingParams``' checks raise a plain ``ValueError``
+    (no ``parameter``) whose message starts with the field's name ("top_k must be 0 (disable), or
+    at least 1", "n must be 1 when using greedy sampling"); the fields are the request's own names."""
+    if err.param is None:
+        err.param = next((name for name in fields if err.message.startswith(f"{name} ")), None)
+    return err

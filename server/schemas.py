@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
 from trainserve.server.errors import bad_request
-from trainserve.server.message_schemas import ChatMessage, StrictModel, check_messages
+from trainserve.server.message_schemas import ChatMessage, StrictModel, check_messages, check_tool_count
 from trainserve.server.messages import conversation
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -183,7 +183,8 @@ class StructuredOutputs(StrictModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
-        given = [k for k, v in self.model_dump(by_alias=True).items() if v is not None]
+        # (not model_dump: it would copy a large JSON schema just to see which fields are set)
+        given = [f.alias or k for k, f in type(self).model_fields.items() if getattr(self, k) is not None]
         if len(given) != 1:
             raise bad_request(
                 "structured_outputs needs exactly one of json, regex, choice, grammar, json_object"
@@ -248,6 +249,9 @@ class SamplingFields(_Request):
             raise bad_request(
                 f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_parameter"
             )
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
+            # it would be ignored; vLLM refuses it the same way
+            raise bad_request("stream_options can only be given with stream=true", param="stream_options")
         if self.priority != 0:  # vLLM's answer when the engine does not schedule by priority
             raise bad_request(
                 "priority is not supported: this server's engine does not use priority scheduling",
@@ -317,7 +321,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _unsupported_message_parts(cls, data: Any) -> Any:
-        return check_messages(data)
+        return check_messages(check_tool_count(data))
 
     @model_validator(mode="after")
     def _tool_turns(self) -> ChatCompletionRequest:

@@ -8,6 +8,7 @@ from typing import Any
 
 from trainserve.server.adapters_watch import AdapterWatcher
 from trainserve.server.generation import TokenText
+from trainserve.server.grammar_check import GrammarChecker
 from trainserve.server.metrics import Metrics
 from trainserve.server.models import ModelTable
 from trainserve.server.sampling import max_chars_per_token
@@ -54,6 +55,8 @@ class ServerState:
         # a text longer than this cannot fit the context: refused before tokenising (vLLM's bound)
         self.max_prompt_chars = self.max_model_len * max_chars_per_token(self.tokenizer)
         self.vocab_size = int(hf_config.vocab_size)
+        # structured-output constraints are test-compiled with a time limit before they are queued
+        self.grammars = GrammarChecker(self.tokenizer, self.vocab_size)
         self.metrics = Metrics()
         self.models = ModelTable(
             engine,
@@ -79,3 +82,4 @@ class ServerState:
         self.watcher.stop()
         self.models.reap()
         self.models.close()
+        self.grammars.close()

@@ -15,6 +15,7 @@ same prompt with and without them does not support tools and the request is a 40
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -60,9 +61,18 @@ class ToolPlan:
         self._called: set[int] = set()
         self.single = body.parallel_tool_calls is False  # at most one call (auto: the first one)
 
-    @property
+    @functools.cached_property
     def tools(self) -> list[dict[str, Any]]:
-        return [tool.model_dump(exclude_none=True) for tool in self.request.tools]
+        """The tools as the chat template gets them: vLLM's models dumped, with each function's
+        ``parameters`` (already plain JSON) as they are — dumping 6 MB of them took a second
+        holding the GIL, the same objects rebuilt."""
+        dumped = []
+        for tool in self.request.tools:
+            item = tool.model_dump(exclude_none=True, exclude={"function": {"parameters"}})
+            if tool.function.parameters is not None:
+                item["function"]["parameters"] = tool.function.parameters
+            dumped.append(item)
+        return dumped
 
     def adjust(self, body: ChatCompletionRequest) -> ChatCompletionRequest:
         """The request as generated: a forced call is constrained to vLLM's JSON schema; with the
@@ -183,3 +193,15 @@ def plan(body: ChatCompletionRequest, tokenizer: Any) -> ToolPlan | None:
             raise bad_request("tool_choice needs tools", param="tool_choice")
         return None
     return ToolPlan(body, tokenizer)
+
+
+def planned(
+    body: ChatCompletionRequest, tokenizer: Any
+) -> tuple[ToolPlan | None, ChatCompletionRequest, list[dict[str, Any]] | None]:
+    """``(plan, the request as generated, the tools for the template)``. Validating, dumping and (for
+    a forced call) deriving the schema of large tools takes a while: call it from a worker thread,
+    not on the event loop."""
+    tools = plan(body, tokenizer)
+    if tools is None:
+        return None, body, None
+    return tools, tools.adjust(body), tools.tools

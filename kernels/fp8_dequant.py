@@ -5,15 +5,23 @@ FP8 plus fp32 scales; the engine runs FP8 GEMMs on them. The trainer reads the s
 dequantises right before each GEMM (``w.to(dtype) * scale``: one elementwise pass that torch
 already runs at memory speed, so there is no separate Triton kernel). As for the integer formats,
 the dense weight is returned transposed, ``(in, out)``.
+
+The engine's FP8 GEMMs also round their *inputs* to FP8 (W8A8, see :mod:`.fp8_activations`), so
+the state does its own GEMMs (``own_matmuls``): the forward rounds activations as the engine does
+— and with per-channel scales runs the same row-wise scaled FP8 GEMM — and the backward multiplies
+by the dequantised weight, straight through the rounding.
 """
 
 from __future__ import annotations
 
 import torch
+from trainserve.kernels.fp8_activations import fp8_rowwise_matmul, round_activations
 from trainserve.kernels.packed_state import PackedWeightState
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
 SCALE_KINDS = ("tensor", "channel", "block")
+#: how vLLM's online FP8 method for each weight-scale kind quantises the GEMM input
+ENGINE_ACTIVATIONS = {"tensor": "tensor", "channel": "token", "block": "group"}
 
 
 class FP8QuantState(PackedWeightState):
@@ -21,10 +29,12 @@ class FP8QuantState(PackedWeightState):
 
     ``scale``: a single value (``tensor``), one per output row (``channel``, shape ``(N, 1)`` or
     ``(N,)``), or one per ``block × block`` tile (``block``, shape ``(ceil(N/block), ceil(K/block))``).
+    ``activations``: how the engine rounds GEMM inputs (``"engine"``: the kind's vLLM scheme, see
+    :data:`ENGINE_ACTIVATIONS`; None: not at all, a weight-only FP8 engine).
     """
 
     def __init__(self, w_nk: torch.Tensor, scale: torch.Tensor, kind: str, n0: int, n1: int,
-                 dtype: torch.dtype, block: int = 128):
+                 dtype: torch.dtype, block: int = 128, activations: str | None = "engine"):
         if kind not in SCALE_KINDS:
             raise ValueError(f"unknown FP8 scale kind {kind!r}")
         if w_nk.dtype not in FP8_DTYPES:
@@ -37,6 +47,24 @@ class FP8QuantState(PackedWeightState):
         self.w = w_nk[n0:n1]
         self.shape = torch.Size((n1 - n0, k))
         self.dtype = dtype
+        self.activations = ENGINE_ACTIVATIONS[kind] if activations == "engine" else activations
+        if self.activations == "group" and k % 128:
+            raise ValueError(f"per-group FP8 activations need K % 128 == 0, got K={k}")
+        self.own_matmuls = self.activations is not None
+
+    def round_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2`` as the engine rounds it before this GEMM (unchanged without activation rounding)."""
+        return x2 if self.activations is None else round_activations(x2, self.activations)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.activations == "token" and self.kind == "channel":
+            return fp8_rowwise_matmul(x2, self.w, self._scale())
+        return self.round_input(x2) @ self.dequantize_t(x2.dtype)
+
+    def grad_matmul(self, dout: torch.Tensor) -> torch.Tensor:
+        if self.kind == "channel":  # dout @ (s * q) == (dout * s) @ q: one conversion pass, no scaling pass
+            return (dout * self._scale().reshape(1, -1).to(dout.dtype)) @ self.w.to(dout.dtype)
+        return dout @ self.dequantize_t(dout.dtype).t()
 
     def _scale(self) -> torch.Tensor:
         s = self.parent_scale
@@ -66,7 +94,8 @@ class FP8QuantState(PackedWeightState):
             if not isinstance(o, FP8QuantState) or o.parent_w is not self.parent_w or o.n0 != end:
                 return None
             end = o.n1
-        return FP8QuantState(self.parent_w, self.parent_scale, self.kind, self.n0, end, self.dtype, self.block)
+        return FP8QuantState(self.parent_w, self.parent_scale, self.kind, self.n0, end, self.dtype, self.block,
+                             self.activations)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.w, self.parent_scale]

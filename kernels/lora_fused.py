@@ -19,6 +19,9 @@ from trainserve.kernels._triton_utils import use_triton
 from trainserve.kernels.lora_params import (
     LoraWeights,
     dense_weight,
+    engine_grad_matmul,
+    engine_matmul,
+    engine_matmul_free,
     fused_bias,
     fused_weight,
     get_lora_parameters,
@@ -93,11 +96,16 @@ def _linear_group(
 ) -> tuple[torch.Tensor, torch.Tensor | None, _Group]:
     """``x2 @ W^T + b + (x2 A^T) B^T`` for the group; ``w``/``group``/``xa`` reuse earlier work."""
     dt = x2.dtype
-    if w is None:
-        w = fused_weight(ps, dt)
     bias = fused_bias(ps, dt)
-    out = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
-    del w
+    out = engine_matmul(x2, ps)  # FP8: the engine's input rounding, not a plain dense GEMM
+    if out is not None:
+        if bias is not None:
+            out.add_(bias)
+    else:
+        if w is None:
+            w = fused_weight(ps, dt)
+        out = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+        del w
     if group is None:
         group = _Group(ps, dt)
     if group.active:
@@ -114,10 +122,12 @@ def _linear_group_backward(
     dx = None
     dxa = dout @ group.b if group.active and (need_x or any(need_ab[0::2])) else None
     if need_x:
-        if w is None:
-            w = fused_weight(group.ps, dout.dtype)
-        dx = dout @ w
-        del w
+        dx = engine_grad_matmul(dout, group.ps)
+        if dx is None:
+            if w is None:
+                w = fused_weight(group.ps, dout.dtype)
+            dx = dout @ w
+            del w
         if dxa is not None:
             dx.addmm_(dxa, group.a)
     grads = group.grads(dxa, x2, dout, xa, need_ab) if group.active else [None] * len(need_ab)
@@ -247,15 +257,15 @@ class LoraMLPFunction(torch.autograd.Function):
         inter = g_gu.ps[0].out_features
         dy = dy.contiguous()
         w_gu = None
-        if ctx.recompute:
-            w_gu = fused_weight(g_gu.ps, x2.dtype)
+        if ctx.recompute:  # one dequantised gate|up weight for both GEMMs (not for FP8: see engine_matmul)
+            w_gu = fused_weight(g_gu.ps, x2.dtype) if engine_matmul_free(g_gu.ps) else None
             gu, _, _ = _linear_group(x2, g_gu.ps, w=w_gu, group=g_gu, xa=xa_gu)
         else:
             gu = rest[0]
         dxa_d = dy @ g_d.b if g_d.active else None
-        w = dense_weight(g_d.ps[0], dy.dtype)
-        dh = dy @ w
-        del w
+        dh = engine_grad_matmul(dy, g_d.ps)
+        if dh is None:
+            dh = dy @ dense_weight(g_d.ps[0], dy.dtype)
         if dxa_d is not None:
             dh.addmm_(dxa_d, g_d.a)
         # h (for dA_down), d gate and d up in one pass; d gate | d up land in gu's own buffer.

@@ -159,6 +159,49 @@ def _fused_packed(states: list[PackedWeightState], dtype: torch.dtype) -> torch.
     return buf.t()
 
 
+def _own_matmul_states(ps: list[LoraWeights]) -> list[PackedWeightState] | None:
+    """The packed states of ``ps`` (merged into one where they can be) when their engine does more
+    than ``x @ dequantised W`` (FP8 rounds its inputs), else None: then the caller's dense GEMM is exact."""
+    states = [p.quant_state for p in ps]
+    if not any(getattr(s, "own_matmuls", False) for s in states):
+        return None
+    if not all(isinstance(s, PackedWeightState) for s in states):
+        raise TypeError("a projection group mixes FP8 engine weights with other formats")
+    merged = states[0].merge(states[1:]) if len(states) > 1 else states[0]
+    return [merged] if merged is not None else states
+
+
+def engine_matmul(x2: torch.Tensor, ps: list[LoraWeights]) -> torch.Tensor | None:
+    """``x2 @ cat([W_i]).T`` computed as the engine computes it, for groups whose states own their
+    GEMMs (see :attr:`PackedWeightState.own_matmuls`); None for the others (use :func:`fused_weight`)."""
+    states = _own_matmul_states(ps)
+    if states is None:
+        return None
+    outs = [s.matmul(x2) for s in states]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def engine_matmul_free(ps: list[LoraWeights]) -> bool:
+    """True when ``x @ dequantised W`` is exactly what the engine computes for every projection of ``ps``."""
+    return not any(getattr(p.quant_state, "own_matmuls", False) for p in ps)
+
+
+def engine_grad_matmul(dout: torch.Tensor, ps: list[LoraWeights]) -> torch.Tensor | None:
+    """``dout @ cat([W_i])`` for the groups :func:`engine_matmul` handles; None for the others."""
+    states = _own_matmul_states(ps)
+    if states is None:
+        return None
+    if len(states) == 1:
+        return states[0].grad_matmul(dout)
+    dx, col = None, 0
+    for s in states:
+        width = int(s.shape[0])
+        part = s.grad_matmul(dout[:, col: col + width].contiguous())
+        dx = part if dx is None else dx.add_(part)
+        col += width
+    return dx
+
+
 def fused_bias(ps: list[LoraWeights], dtype: torch.dtype) -> torch.Tensor | None:
     """Concatenated biases (zeros for projections without one), or None when none has one."""
     if all(p.bias is None for p in ps):
@@ -177,14 +220,20 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lora_linear_reference(x: torch.Tensor, p: LoraWeights) -> torch.Tensor:
-    """Plain-autograd reference for one projection (dequantises with the torch reference)."""
+    """Plain-autograd reference for one projection (dequantises with the torch reference). An
+    engine that rounds its GEMM inputs (FP8) rounds the base GEMM's input, straight through; the
+    LoRA term reads the input as it is, as vLLM's LoRA kernels do."""
+    x_base = x
     if isinstance(p.quant_state, PackedWeightState):
         w = p.quant_state.dequantize_t(x.dtype).t()
+        rounded = getattr(p.quant_state, "round_input", None)
+        if rounded is not None:
+            x_base = x + (rounded(x.reshape(-1, x.shape[-1])).view(x.shape) - x).detach()
     elif p.quant_state is not None:
         w = dequantize_nf4_reference(p.weight, p.quant_state, x.dtype)
     else:
         w = p.weight.to(x.dtype)
-    out = F.linear(x, w, None if p.bias is None else p.bias.to(x.dtype))
+    out = F.linear(x_base, w, None if p.bias is None else p.bias.to(x.dtype))
     if p.lora_a is not None:
         out = out + p.scaling * F.linear(F.linear(x, p.lora_a.to(x.dtype)), p.lora_b.to(x.dtype))
     return out

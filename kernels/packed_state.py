@@ -19,6 +19,18 @@ class PackedWeightState:
     shape: torch.Size
     #: the activation dtype the engine computes in
     dtype: torch.dtype
+    #: True when the engine does more than ``x @ dequantised W`` (FP8 formats round their inputs
+    #: too): GEMMs then go through :meth:`matmul` / :meth:`grad_matmul`, never through a dense
+    #: weight a caller dequantised and multiplied itself
+    own_matmuls: bool = False
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ W.T`` for a 2-D input, computed as the engine computes it."""
+        return x2 @ self.dequantize_t(x2.dtype)
+
+    def grad_matmul(self, dout: torch.Tensor) -> torch.Tensor:
+        """``dout @ W``: the input gradient (straight through any input rounding of :meth:`matmul`)."""
+        return dout @ self.dequantize_t(dout.dtype).t()
 
     def dequantize_t(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense weight transposed, ``(in, out)`` of ``dtype``; written into ``out`` if given."""
@@ -40,18 +52,22 @@ class _PackedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, state: PackedWeightState, bias: torch.Tensor | None) -> torch.Tensor:
-        w_t = state.dequantize_t(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ w_t if bias is None else torch.addmm(bias.to(x.dtype), x2, w_t)
+        if state.own_matmuls:
+            out = state.matmul(x2)
+            if bias is not None:
+                out = out + bias.to(out.dtype)
+        else:
+            w_t = state.dequantize_t(x.dtype)
+            out = x2 @ w_t if bias is None else torch.addmm(bias.to(x.dtype), x2, w_t)
         ctx.state = state
-        return out.view(*x.shape[:-1], w_t.shape[1])
+        return out.view(*x.shape[:-1], out.shape[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        w_t = ctx.state.dequantize_t(grad.dtype)
-        return grad @ w_t.t(), None, None
+        return ctx.state.grad_matmul(grad.reshape(-1, grad.shape[-1])).view(*grad.shape[:-1], -1), None, None
 
 
 def packed_linear(x: torch.Tensor, state: PackedWeightState, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,5 +77,9 @@ def packed_linear(x: torch.Tensor, state: PackedWeightState, bias: torch.Tensor 
 
 def packed_linear_reference(x: torch.Tensor, state: PackedWeightState,
                             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-autograd reference: dequantise, then ``F.linear``."""
+    """Plain-autograd reference: dequantise, then ``F.linear`` (inputs rounded first, straight
+    through, for states whose engine rounds them)."""
+    rounded = getattr(state, "round_input", None)
+    if rounded is not None:
+        x = x + (rounded(x.reshape(-1, x.shape[-1])).view(x.shape) - x).detach()
     return torch.nn.functional.linear(x, state.dequantize_t(x.dtype).t(), None if bias is None else bias.to(x.dtype))

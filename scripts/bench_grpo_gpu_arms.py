@@ -41,6 +41,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "trainserve_int4": {"kind": "trainserve", "load": {"load_in_4bit": True}},
     "trainserve_bnb": {"kind": "trainserve", "load": {"load_in_4bit": True, "quant_backend": "bitsandbytes"}},
     "trainserve_fp8": {"kind": "trainserve", "load": {"load_in_4bit": False, "load_in_fp8": True}},
+    "trainserve_fp8_block": {"kind": "trainserve", "load": {"load_in_4bit": False, "load_in_fp8": "block"}},
     "trainserve_int8": {"kind": "trainserve", "load": {"load_in_4bit": False, "load_in_8bit": True}},
     "trainserve_bf16": {"kind": "trainserve", "load": {"load_in_4bit": False, "load_in_16bit": True}},
     "trl_colocate": {"kind": "trl", "load": {}},

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 ARM_ORDER = ("trainserve_int4", "trainserve_int4_overlap", "trainserve_bnb", "trainserve_bnb_overlap",
-             "trainserve_fp8", "trainserve_fp8_overlap", "trainserve_int8", "trainserve_int8_overlap",
+             "trainserve_fp8", "trainserve_fp8_overlap", "trainserve_fp8_block", "trainserve_fp8_block_overlap",
+             "trainserve_int8", "trainserve_int8_overlap",
              "trainserve_bf16", "trainserve_bf16_overlap", "trl_colocate", "unsloth")
 BASELINES = ("trl_colocate", "trainserve_bf16")
 # Settings that must agree for two runs to sit in one table without a warning.

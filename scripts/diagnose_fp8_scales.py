@@ -15,8 +15,12 @@ process (one engine per process), and records what could explain a curve that do
 - the engine-vs-trainer logprob gap and whether the phrase was learnt.
 
 ``--layouts`` picks the vLLM online FP8 methods; ``channel-nostandby`` is per-channel with
-``standby=False``. trainserve offers only block scales (``trainserve/precision.py``); this script
-swaps the engine quantization for the per-channel one *for this diagnosis only*.
+``standby=False``. The script sets the engine quantization of ``load_in_fp8=True`` per layout.
+
+Superseded in part (2026-12-01): its engine-vs-trainer gap compares layouts at different points of
+training (one mid-spike, one converged), which made per-channel look 250× worse than block.
+``scripts/fp8_parity.py`` measures the gap on sampled tokens at fixed points and isolates the
+trainer's activation rounding; per-channel is now ``load_in_fp8=True``.
 
 Usage (GPU, vLLM): ``python3 -P scripts/diagnose_fp8_scales.py --out /root/out``
 """
@@ -26,11 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from child_runs import run_children, write_results  # noqa: E402
 
 LAYOUTS = {"block": ("fp8_per_block", True), "channel": ("fp8_per_channel", True),
            "channel-nostandby": ("fp8_per_channel", False)}
@@ -154,25 +159,9 @@ def main() -> int:
     from trainserve.random_model import random_qwen2
 
     path = random_qwen2("0.5b", args.model_dir or Path(tempfile.gettempdir()) / "trainserve-random-qwen2-0.5b")
-    results = {}
-    for layout in args.layouts:
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, "-P", __file__, "--child", path, layout, str(args.steps)],
-                              capture_output=True, text=True, timeout=600)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        results[layout] = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-3000:]}
-        results[layout]["wall_s"] = round(time.time() - t0, 1)
-        print(layout, json.dumps(results[layout]), flush=True)
+    results = run_children(__file__, {layout: [str(path), layout, str(args.steps)] for layout in args.layouts})
     if args.out:
-        import datetime as dt
-
-        import torch
-
-        out = Path(args.out) / f"diagnose_fp8_scales_{dt.date.today().isoformat()}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        out.write_text(json.dumps({"date": dt.date.today().isoformat(), "device": device,
-                                   "command": " ".join(sys.argv), "results": results}, indent=1))
+        write_results(args.out, "diagnose_fp8_scales", results)
     return 0
 
 

@@ -11,11 +11,10 @@ stdout line (``{"ok": true}`` or ``{"error": ...}``); the first line out is ``{"
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
-from worker_memory import cap_memory  # a sibling script: the script's directory is on sys.path
+from worker_sandbox import serve_jobs  # a sibling script: the script's directory is on sys.path
 
 
 def _compile(compiler: Any, job: dict[str, Any]) -> dict[str, Any]:
@@ -43,17 +42,8 @@ def main() -> None:
     # one thread: the time limit then bounds CPU work, and thread stacks fit the address-space cap
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     compiler.compile_grammar('root ::= "x"')  # warm up before the cap and the first timed job
-    cap_memory(int(sys.argv[1]))
-    out = sys.stdout
-    out.write('{"ready": true}\n')
-    out.flush()
-    for line in sys.stdin:
-        try:
-            payload = json.dumps(_compile(compiler, json.loads(line)))
-        except MemoryError:
-            payload = json.dumps({"error": "compiling the constraint exceeded the memory limit", "memory": True})
-        out.write(payload + "\n")
-        out.flush()
+    serve_jobs(lambda job: _compile(compiler, job), int(sys.argv[1]),
+               {"error": "compiling the constraint exceeded the memory limit", "memory": True})
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ stdout line (``{"text": ...}`` or ``{"error": ...}``); the first line out is ``{
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
-from worker_memory import cap_memory  # a sibling script: the script's directory is on sys.path
+from worker_sandbox import serve_jobs  # a sibling script: the script's directory is on sys.path
 
 
 def _render(render: Any, job: dict[str, Any]) -> dict[str, Any]:
@@ -39,18 +38,8 @@ def _render(render: Any, job: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    cap_memory(int(sys.argv[1]))
-    out = sys.stdout
-    out.write('{"ready": true}\n')
-    out.flush()
-    for line in sys.stdin:
-        try:
-            answer = _render(render_jinja_template, json.loads(line))
-            payload = json.dumps(answer)
-        except MemoryError:
-            payload = json.dumps({"error": "rendering the chat template exceeded the memory limit"})
-        out.write(payload + "\n")
-        out.flush()
+    serve_jobs(lambda job: _render(render_jinja_template, job), int(sys.argv[1]),
+               {"error": "rendering the chat template exceeded the memory limit"})
 
 
 if __name__ == "__main__":

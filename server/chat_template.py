@@ -15,13 +15,12 @@ from __future__ import annotations
 import atexit
 import json
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from trainserve.server.errors import APIError, bad_request
-from trainserve.server.worker_process import kill_worker, readline_within
+from trainserve.server.worker_process import exchange, kill_worker, start_worker
 
 TIMEOUT_S = 5.0  # a real chat template renders in milliseconds
 MEMORY_BYTES = 512 * 1024 * 1024
@@ -63,15 +62,8 @@ class TemplateRenderer:
         atexit.register(self.close)
 
     def _start(self) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKER), str(self.memory)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            bufsize=0,
-        )
-        if readline_within(proc, STARTUP_TIMEOUT_S) != b'{"ready": true}':
-            kill_worker(proc)
+        proc = start_worker(WORKER, self.memory, STARTUP_TIMEOUT_S)
+        if proc is None:
             raise APIError(503, "the chat template renderer did not start", code="template_renderer_unavailable")
         return proc
 
@@ -82,13 +74,7 @@ class TemplateRenderer:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
             proc = self._proc
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(payload)
-                proc.stdin.flush()
-                line = readline_within(proc, self.timeout)
-            except OSError:
-                line = None
+            line = exchange(proc, payload, self.timeout)
             if line is None:  # overran the limit, or died (memory): replace the worker
                 kill_worker(proc)
                 self._proc = None

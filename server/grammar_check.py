@@ -26,13 +26,12 @@ import hashlib
 import json
 import logging
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from trainserve.server.errors import bad_request
-from trainserve.server.worker_process import kill_worker, readline_within
+from trainserve.server.worker_process import exchange, kill_worker, start_worker
 
 logger = logging.getLogger("trainserve.server")
 
@@ -86,30 +85,14 @@ class GrammarChecker:
     def _start(self) -> subprocess.Popen | None:
         """A ready worker, or None (the check is then skipped for good: vLLM still compiles as before)."""
         try:
-            info = self._tokenizer_info()
-            proc = subprocess.Popen(
-                [sys.executable, str(WORKER), str(self.memory)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                bufsize=0,
-            )
+            proc = start_worker(WORKER, self.memory, STARTUP_TIMEOUT_S, first_line=self._tokenizer_info())
         except Exception:  # a tokenizer xgrammar cannot describe, no xgrammar: nothing to test with
             logger.warning("structured-output constraints are not checked before compiling", exc_info=True)
             self._disabled = True
             return None
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(info)
-            proc.stdin.flush()
-            ready = readline_within(proc, STARTUP_TIMEOUT_S)
-        except OSError:
-            ready = None
-        if ready != b'{"ready": true}':
-            kill_worker(proc)
+        if proc is None:
             logger.warning("the structured-output checker did not start; constraints are not checked")
             self._disabled = True
-            return None
         return proc
 
     def _restart(self) -> None:
@@ -136,13 +119,7 @@ class GrammarChecker:
                 if self._proc is None:
                     return
             proc = self._proc
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(payload)
-                proc.stdin.flush()
-                line = readline_within(proc, self.timeout)
-            except OSError:
-                line = None
+            line = exchange(proc, payload, self.timeout)
             if line is None:  # overran the limit, or died: replace the worker (in the background)
                 kill_worker(proc)
                 self._proc = None

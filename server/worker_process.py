@@ -10,7 +10,35 @@ from __future__ import annotations
 import os
 import select
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+READY = b'{"ready": true}'
+
+
+def start_worker(script: Path, memory: int, startup_timeout: float, first_line: bytes = b"") -> subprocess.Popen | None:
+    """Start ``script`` (its address space capped at ``memory`` bytes beyond its imports), send it
+    ``first_line`` if any, and wait for its ready line; None (and nothing left running) if it does
+    not come within ``startup_timeout``."""
+    proc = subprocess.Popen([sys.executable, str(script), str(memory)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    line = exchange(proc, first_line, startup_timeout) if first_line else readline_within(proc, startup_timeout)
+    if line != READY:
+        kill_worker(proc)
+        return None
+    return proc
+
+
+def exchange(proc: subprocess.Popen, payload: bytes, timeout: float) -> bytes | None:
+    """Send one job line and read one answer line within ``timeout``; None if the worker overran or died."""
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(payload)
+        proc.stdin.flush()
+        return readline_within(proc, timeout)
+    except OSError:
+        return None
 
 
 def readline_within(proc: subprocess.Popen, timeout: float) -> bytes | None:

@@ -54,6 +54,8 @@ def test_help_answers_without_importing_vllm():
         (["grpo", "--batch-size", "12"], ["--batch-size 12", "--num-generations 8"]),
         (["grpo", "--num-generations", "1", "--batch-size", "4"], ["--num-generations", ">= 2"]),
         (["grpo", "--top-p", "1.5"], ["--top-p"]),
+        (["grpo", "--weights", "fp4"], ["--weights", "fp4"]),
+        (["grpo", "--gradient-checkpointing", "maybe"], ["--gradient-checkpointing"]),
         (["serve", "m", "--port", "70000"], ["--port"]),
         (["serve", "m", "--max-request-bytes", "0"], ["--max-request-bytes"]),
     ],
@@ -85,3 +87,35 @@ def test_every_option_has_help_that_shows_its_default():
             if action.option_strings:
                 shown = formatter._get_help_string(action) % {"default": action.default}
                 assert "default" in shown, (name, action.option_strings, shown)
+
+
+def test_grpo_weights_and_checkpointing_reach_the_loader(monkeypatch, tmp_path):
+    """``trainserve grpo --weights/--gradient-checkpointing`` become from_pretrained's format flags and
+    get_peft_model's checkpointing (stopped there: nothing loads)."""
+    from trainserve import FastLanguageModel
+    from trainserve.rl.cli import GRPORunError, run_grpo
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(*args, **kwargs):
+        seen["load"] = kwargs
+        return object(), object()
+
+    def fake_peft(model, **kwargs):
+        seen["peft"] = kwargs
+        raise Stop
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", staticmethod(fake_load))
+    monkeypatch.setattr(FastLanguageModel, "get_peft_model", staticmethod(fake_peft))
+    with pytest.raises(Stop):
+        run_grpo(str(tmp_path / "a"), weights="fp8", gradient_checkpointing=False, progress=False)
+    assert seen["load"]["load_in_fp8"] is True and "load_in_4bit" not in seen["load"]
+    assert seen["peft"]["use_gradient_checkpointing"] is False
+    with pytest.raises(Stop):
+        run_grpo(str(tmp_path / "b"), progress=False)  # the defaults: int4, "unsloth"
+    assert seen["load"]["load_in_4bit"] is True and seen["peft"]["use_gradient_checkpointing"] == "unsloth"
+    with pytest.raises(GRPORunError, match="weights must be one of"):
+        run_grpo(str(tmp_path / "c"), weights="fp4", progress=False)

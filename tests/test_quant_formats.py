@@ -216,7 +216,7 @@ def _resolve(**kw):
 @pytest.mark.parametrize("kw,engine", [
     ({}, "trainserve_int4"), ({"load_in_4bit": True}, "trainserve_int4"),
     ({"quant_backend": "bitsandbytes"}, "bitsandbytes"), ({"load_in_8bit": True}, "trainserve_int8"),
-    ({"load_in_fp8": True}, "fp8_per_block"), ({"load_in_fp8": "block"}, "fp8_per_block"),
+    ({"load_in_fp8": True}, "fp8_per_channel"), ({"load_in_fp8": "block"}, "fp8_per_block"),
     ({"load_in_16bit": True}, None), ({"load_in_4bit": False}, None), ({"full_finetuning": True}, None),
     ({"load_in_4bit": False, "load_in_8bit": True}, "trainserve_int8"),
 ])
@@ -269,7 +269,14 @@ def test_dimensions_the_kernels_cannot_tile_are_refused_before_the_engine() -> N
     with pytest.raises(ValueError, match="k_proj"):  # 32 key/value outputs: not a multiple of 64
         check_model_dims(Precision("int4", engine_quantization="trainserve_int4"), odd_heads)
     with pytest.raises(ValueError, match="block scales"):
-        check_model_dims(Precision("fp8", engine_quantization="fp8_per_block"), bad)
+        check_model_dims(Precision("fp8 (block)", engine_quantization="fp8_per_block"), bad)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        check_model_dims(Precision("fp8", engine_quantization="fp8_per_channel"), bad)
+    by16 = Qwen2Config(hidden_size=176, intermediate_size=528, num_attention_heads=11, num_key_value_heads=1)
+    check_model_dims(Precision("fp8", engine_quantization="fp8_per_channel"), by16)  # per-channel: multiples of 16
+    with pytest.raises(ValueError, match="block scales"):
+        check_model_dims(Precision("fp8 (block)", engine_quantization="fp8_per_block"), by16)
+
 
 
 def test_chunked_quantisation_gives_the_same_bytes() -> None:

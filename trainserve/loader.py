@@ -118,8 +118,9 @@ class FastLanguageModel:
 
         Weight formats (one of): ``load_in_4bit`` (the default when no other is asked: trainserve's
         own int4 engine format, or NF4 through vLLM's bitsandbytes with ``quant_backend="bitsandbytes"``),
-        ``load_in_8bit`` (int8), ``load_in_fp8`` (``True`` or ``"block"``: FP8 with
-        128x128 block scales), ``load_in_16bit`` / ``full_finetuning`` (16-bit). Without CUDA the
+        ``load_in_8bit`` (int8), ``load_in_fp8`` (``True``: FP8 with per-channel weight scales and
+        per-token activations; ``"block"``: 128x128 weight blocks, 1x128 activation groups; the trainer
+        rounds its GEMM inputs as the engine does), ``load_in_16bit`` / ``full_finetuning`` (16-bit). Without CUDA the
         quantised formats warn once and load ``dtype`` weights. A saved LoRA directory as ``model_name``
         loads its base model (adapter_config.json) and the adapter on top, trainable.
         ``tensor_parallel_size`` must be 1: under torchrun each rank runs its own engine (data

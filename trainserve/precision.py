@@ -28,17 +28,27 @@ _WARNED: set[str] = set()
 class Precision:
     """The resolved weight format."""
 
-    label: str  # "16-bit", "int4", "int8", "fp8", "nf4 (bitsandbytes)"
+    label: str  # "16-bit", "int4", "int8", "fp8", "fp8 (block)", "nf4 (bitsandbytes)"
     engine_quantization: str | None = None  # vLLM ``quantization`` for fast_inference=True
     hf_bnb_bits: int | None = None  # bitsandbytes 4/8-bit for fast_inference=False
 
 
 _ENGINE = {
-    # FP8: 128x128 block scales for both True and "block". vLLM's per-channel online FP8 is faster but
-    # runs W8A8: after training its logprobs differ from the trainer's by up to 0.25 nats (block: 0.001),
-    # outside bf16 noise (docs/quantization.md, "FP8: why per-channel is not offered").
-    "int4": "trainserve_int4", "int8": "trainserve_int8", "fp8": "fp8_per_block",
+    # FP8, as vLLM's online methods: True is per-channel weight scales with per-token activations
+    # (W8A8, the faster GEMM), "block" 128x128 weight blocks with 1x128 activation groups. Both
+    # round their GEMM inputs to FP8 in the engine; the trainer rounds them the same way
+    # (kernels/fp8_activations.py), so it trains the function the engine samples from.
+    "int4": "trainserve_int4", "int8": "trainserve_int8", "fp8": "fp8_per_channel", "fp8 (block)": "fp8_per_block",
     "nf4 (bitsandbytes)": "bitsandbytes",
+}
+#: short names of the weight formats (CLI ``--weights``, benchmark arms) -> ``from_pretrained`` flags
+WEIGHT_FORMAT_FLAGS: dict[str, dict[str, Any]] = {
+    "int4": {"load_in_4bit": True},
+    "nf4": {"load_in_4bit": True, "quant_backend": "bitsandbytes"},
+    "int8": {"load_in_8bit": True},
+    "fp8": {"load_in_fp8": True},
+    "fp8-block": {"load_in_fp8": "block"},
+    "bf16": {"load_in_16bit": True},
 }
 _INT_FORMATS = {"int4": IntFormat(4, 64, True), "int8": IntFormat(8, 128, False)}
 
@@ -69,7 +79,7 @@ def _asked(load_in_4bit: Any, load_in_8bit: bool, load_in_16bit: bool, load_in_f
     if load_in_8bit:
         return "int8"
     if load_in_fp8 is not False:
-        return "fp8"
+        return "fp8 (block)" if load_in_fp8 == "block" else "fp8"
     return "nf4 (bitsandbytes)" if quant_backend == "bitsandbytes" else "int4"
 
 
@@ -119,7 +129,7 @@ def _check_gpu(label: str) -> None:
 def check_model_dims(precision: Precision, config: Any) -> None:
     """Refuse a model whose linear layers the chosen engine format cannot tile (before the engine starts)."""
     fmt = _INT_FORMATS.get(precision.label)
-    if precision.engine_quantization is None or (fmt is None and precision.label != "fp8"):
+    if precision.engine_quantization is None or (fmt is None and not precision.label.startswith("fp8")):
         return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden, inter = config.hidden_size, config.intermediate_size
@@ -128,6 +138,11 @@ def check_model_dims(precision: Precision, config: Any) -> None:
               "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
     forced_machete = fmt is not None and fmt.bits == 4 and int4_kernel_choice() == "machete"
     for name, (k, n) in layers.items():
+        if fmt is None and precision.label == "fp8":
+            if k % 16 or n % 16:
+                raise ValueError(f"{name} of this model ({n} outputs x {k} inputs) cannot use FP8 per-channel "
+                                 "GEMMs (both must be multiples of 16); use load_in_8bit or load_in_4bit")
+            continue
         if fmt is None:
             if k % 128 or n % 128:
                 raise ValueError(f"{name} of this model ({n} outputs x {k} inputs) cannot use FP8 128x128 block "

@@ -1,7 +1,8 @@
 """trainserve's engine weight formats on the GPU: the layout against vLLM's own CUDA repack, the Triton
 dequantiser against its reference, vLLM's Marlin GEMM against the dequantised weight (the contract
 of ``vllm_compat.MarlinRunner``), and engine-vs-trainer logprob parity with the live adapter for
-int4, int8 and FP8 (block scales) (random-weight Qwen2-0.5B shape, trained until the target is learnt).
+int4, int8 and FP8 (per-channel and block scales) (random-weight Qwen2-0.5B shape, trained until the target
+is learnt), and the trainer's FP8 activation rounding against vLLM's own CUDA quantisers.
 
 Skipped without CUDA or vLLM. ``TRAINSERVE_GPU_TEST_EAGER=1`` runs the engines without CUDA graphs.
 """
@@ -89,6 +90,44 @@ def test_marlin_gemm_is_x_times_the_dequantised_weight(fmt: IntFormat, m: int) -
     assert rel(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("kind", ["token", "group"])
+def test_fp8_activation_rounding_is_vllms(kind: str) -> None:
+    """The trainer rounds GEMM inputs as vLLM's W8A8 FP8 methods do: same scales, same FP8 bytes."""
+    from trainserve.kernels.fp8_activations import quantize_activations, quantize_activations_reference
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.quantization.utils.fp8_utils import per_token_group_quant_fp8
+
+    x = torch.randn(300, 3584, device="cuda", dtype=torch.bfloat16)
+    x[7] *= 500.0
+    x[11] = 0.0
+    q, scale = quantize_activations(x, kind)  # the Triton kernel
+    rq, rs = quantize_activations_reference(x, kind)
+    assert torch.equal(scale, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    if kind == "token":
+        vq, vs = ops.scaled_fp8_quant(x, use_per_token_if_dynamic=True)
+    else:
+        vq, vs = per_token_group_quant_fp8(x, 128)
+    assert torch.allclose(scale, vs.float().reshape(scale.shape), rtol=1e-6, atol=0)
+    differ = (q.view(torch.uint8) != vq.view(torch.uint8)).float().mean().item()
+    assert differ < 5e-3, differ  # x * (1/s) against x / s can round a tie the other way
+
+
+@pytest.mark.parametrize("m", [1, 64, 2320])
+def test_fp8_rowwise_gemm_matches_its_reference(m: int) -> None:
+    from trainserve.kernels.fp8_activations import (
+        fp8_rowwise_matmul,
+        fp8_rowwise_matmul_reference,
+        rowwise_supported,
+    )
+    from trainserve.kernels.fp8_dequant import quantize_fp8_reference
+
+    wq, ws = quantize_fp8_reference(torch.randn(4608, 3584, device="cuda") * 0.02, "channel")
+    x = torch.randn(m, 3584, device="cuda", dtype=torch.bfloat16)
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert rowwise_supported(x, wq)
+    assert rel(fp8_rowwise_matmul(x, wq, ws), fp8_rowwise_matmul_reference(x, wq, ws)) < 5e-3
+
+
 _PARITY = textwrap.dedent("""
     import json, os, sys
     import torch
@@ -118,9 +157,10 @@ _PARITY = textwrap.dedent("""
     t_ids = tok(TARGET).input_ids + [tok.eos_token_id]
     ids = torch.tensor([p_ids + t_ids], device="cuda")
     labels = torch.tensor([[-100] * len(p_ids) + t_ids], device="cuda")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    # lr 1e-3 (was 2e-3): at 2e-3 this one-phrase recipe spiked for bf16 and FP8 alike (scripts/fp8_parity.py)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
-    for _ in range(100):
+    for _ in range(150):
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
@@ -155,8 +195,9 @@ def path(tmp_path_factory):
 
 @pytest.mark.parametrize("flags,quantization,kernel", [
     ({"load_in_4bit": True}, "trainserve_int4", "auto"), ({"load_in_4bit": True}, "trainserve_int4", "marlin"),
-    ({"load_in_8bit": True}, "trainserve_int8", "auto"), ({"load_in_fp8": True}, "fp8_per_block", "auto"),
-], ids=["int4", "int4-marlin", "int8", "fp8"])
+    ({"load_in_8bit": True}, "trainserve_int8", "auto"), ({"load_in_fp8": True}, "fp8_per_channel", "auto"),
+    ({"load_in_fp8": "block"}, "fp8_per_block", "auto"),
+], ids=["int4", "int4-marlin", "int8", "fp8", "fp8-block"])
 def test_engine_and_trainer_agree_on_the_same_quantised_weights(path, flags: dict, quantization: str,
                                                                 kernel: str) -> None:
     """One process per format (one engine per process); ``TRAINSERVE_GPU_TEST_EAGER=1`` skips CUDA graphs.

@@ -111,6 +111,31 @@ def test_fp8_state_gemms_round_inputs_and_pass_gradients_straight_through(kind: 
     assert rel(state.grad_matmul(d), d @ dense.t()) < 1e-6
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_mlp_rounds_inputs_in_forward_and_recompute(recompute: bool) -> None:
+    """The fused MLP (gate|up merged from one engine tensor, down separate) against the reference,
+    with the gate|up GEMM recomputed in the backward: the recompute must round like the forward."""
+    from trainserve.kernels.lora_fused import LoraWeights, lora_mlp, lora_mlp_reference
+
+    hid, inter = 128, 256
+    gu_q, gu_s = quantize_fp8_reference(torch.randn(2 * inter, hid, generator=gen(11)) * 0.05, "channel")
+    d_q, d_s = quantize_fp8_reference(torch.randn(hid, inter, generator=gen(12)) * 0.05, "channel")
+    states = [FP8QuantState(gu_q, gu_s, "channel", 0, inter, torch.float32),
+              FP8QuantState(gu_q, gu_s, "channel", inter, 2 * inter, torch.float32),
+              FP8QuantState(d_q, d_s, "channel", 0, hid, torch.float32)]
+    g = gen(13)
+    ps = [LoraWeights(torch.empty(0), st, None, (0.1 * torch.randn(4, st.shape[1], generator=g)).requires_grad_(),
+                      (0.1 * torch.randn(st.shape[0], 4, generator=g)).requires_grad_(), 2.0, torch.float32)
+          for st in states]
+    x = _activations(14, m=12, k=hid).requires_grad_()
+    out, ref = lora_mlp(x, *ps, recompute=recompute), lora_mlp_reference(x, *ps)
+    assert rel(out, ref) < 1e-5
+    leaves = [x] + [t for p in ps for t in (p.lora_a, p.lora_b)]
+    d = torch.randn(out.shape, generator=gen(15))
+    for a, b in zip(torch.autograd.grad(out, leaves, d), torch.autograd.grad(ref, leaves, d), strict=True):
+        assert rel(a, b) < 1e-5
+
+
 def test_block_activations_need_whole_groups() -> None:
     wq, ws = quantize_fp8_reference(torch.randn(128, 256, generator=gen(10)), "block")
     with pytest.raises(ValueError, match="K % 128"):

@@ -27,6 +27,7 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 TOKEN_MIN_SCALE = 1.0 / (E4M3_MAX * 512.0)  # vLLM's per-token kernel: scale >= 1 / (448 * 512)
 GROUP_EPS = 1e-10  # vLLM's per-token-group quantiser: amax >= 1e-10
 GROUP = 128
+MAX_TRITON_ROW = 32768  # one program holds a whole row (token kind) in registers; longer rows use torch
 
 
 def quantize_activations(x2: torch.Tensor, kind: str, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +39,8 @@ def quantize_activations(x2: torch.Tensor, kind: str, group: int = GROUP) -> tup
     """
     if kind not in ACTIVATION_KINDS:
         raise ValueError(f"unknown activation quantisation {kind!r}; expected one of {ACTIVATION_KINDS}")
-    if kind != "tensor" and x2.dim() == 2 and x2.stride(1) == 1 and use_triton(x2):
+    width = group if kind == "group" else x2.shape[-1]
+    if kind != "tensor" and x2.dim() == 2 and x2.stride(1) == 1 and width <= MAX_TRITON_ROW and use_triton(x2):
         return _quantize_triton(x2, kind, group)
     return quantize_activations_reference(x2, kind, group)
 

@@ -18,6 +18,8 @@ the fast per-token × per-channel GEMM on GPUs whose ``torch._scaled_mm`` suppor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from trainserve.kernels._triton_utils import HAS_TRITON, next_power_of_2, num_warps_for, tl, triton, use_triton
 
@@ -115,10 +117,16 @@ def rowwise_supported(x2: torch.Tensor, w_nk: torch.Tensor) -> bool:
     capability 9.0 or newer (row-wise scaled FP8 GEMMs), e4m3 weights, dims multiples of 16."""
     if not (x2.is_cuda and w_nk.is_cuda and w_nk.dtype == E4M3 and hasattr(torch, "_scaled_mm")):
         return False
-    if torch.cuda.get_device_capability(x2.device) < (9, 0):
+    if not _rowwise_capable(x2.device.index if x2.device.index is not None else torch.cuda.current_device()):
         return False
     n, k = w_nk.shape
     return k % 16 == 0 and n % 16 == 0 and w_nk.stride(1) == 1
+
+
+@functools.cache
+def _rowwise_capable(device_index: int) -> bool:
+    """Compute capability 9.0 or newer (read once per device: this is asked on every GEMM)."""
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def fp8_rowwise_matmul(x2: torch.Tensor, w_nk: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

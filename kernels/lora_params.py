@@ -196,7 +196,7 @@ def engine_grad_matmul(dout: torch.Tensor, ps: list[LoraWeights]) -> torch.Tenso
     dx, col = None, 0
     for s in states:
         width = int(s.shape[0])
-        part = s.grad_matmul(dout[:, col: col + width].contiguous())
+        part = s.grad_matmul(dout[:, col: col + width])
         dx = part if dx is None else dx.add_(part)
         col += width
     return dx
@@ -226,9 +226,7 @@ def lora_linear_reference(x: torch.Tensor, p: LoraWeights) -> torch.Tensor:
     x_base = x
     if isinstance(p.quant_state, PackedWeightState):
         w = p.quant_state.dequantize_t(x.dtype).t()
-        rounded = getattr(p.quant_state, "round_input", None)
-        if rounded is not None:
-            x_base = x + (rounded(x.reshape(-1, x.shape[-1])).view(x.shape) - x).detach()
+        x_base = p.quant_state.round_input_straight_through(x)
     elif p.quant_state is not None:
         w = dequantize_nf4_reference(p.weight, p.quant_state, x.dtype)
     else:

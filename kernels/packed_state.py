@@ -32,6 +32,17 @@ class PackedWeightState:
         """``dout @ W``: the input gradient (straight through any input rounding of :meth:`matmul`)."""
         return dout @ self.dequantize_t(dout.dtype).t()
 
+    def round_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2`` (2-D) as the engine rounds it before this GEMM; unchanged unless ``own_matmuls``."""
+        return x2
+
+    def round_input_straight_through(self, x: torch.Tensor) -> torch.Tensor:
+        """For plain-autograd references: ``x`` rounded as by :meth:`round_input` in the forward,
+        the identity in the backward."""
+        if not self.own_matmuls:
+            return x
+        return x + (self.round_input(x.reshape(-1, x.shape[-1])).view(x.shape) - x).detach()
+
     def dequantize_t(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense weight transposed, ``(in, out)`` of ``dtype``; written into ``out`` if given."""
         raise NotImplementedError
@@ -79,7 +90,5 @@ def packed_linear_reference(x: torch.Tensor, state: PackedWeightState,
                             bias: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-autograd reference: dequantise, then ``F.linear`` (inputs rounded first, straight
     through, for states whose engine rounds them)."""
-    rounded = getattr(state, "round_input", None)
-    if rounded is not None:
-        x = x + (rounded(x.reshape(-1, x.shape[-1])).view(x.shape) - x).detach()
+    x = state.round_input_straight_through(x)
     return torch.nn.functional.linear(x, state.dequantize_t(x.dtype).t(), None if bias is None else bias.to(x.dtype))

@@ -19,12 +19,11 @@ import subprocess
 import sys
 import time
 
+from trainserve.precision import WEIGHT_FORMAT_FLAGS
+
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TS_FORMATS = {
-    "int4": {"load_in_4bit": True}, "bnb": {"load_in_4bit": True, "quant_backend": "bitsandbytes"},
-    "int8": {"load_in_8bit": True}, "fp8": {"load_in_fp8": True}, "fp8-block": {"load_in_fp8": "block"},
-    "bf16": {"load_in_16bit": True},
-}
+# trainserve's weight formats by short name (bitsandbytes NF4 keeps this script's arm name "bnb")
+TS_FORMATS = {("bnb" if name == "nf4" else name): flags for name, flags in WEIGHT_FORMAT_FLAGS.items()}
 
 
 class PeakMemory:

@@ -26,7 +26,7 @@ from typing import Any
 
 from trainserve.server.errors import bad_request
 from trainserve.server.generation import clamp_logprob
-from trainserve.server.schemas import CompletionRequest
+from trainserve.server.schemas import MAX_LOGPROBS, CompletionRequest
 
 
 def engine_prompt_logprobs(req: CompletionRequest) -> int | None:
@@ -44,7 +44,6 @@ def engine_prompt_logprobs(req: CompletionRequest) -> int | None:
 # of 20 alternatives; 30–200 µs each on a 2-core CPU): lm-eval's loglikelihood requests (logprobs=1,
 # 2 entries a token) fit 32k prompt tokens
 MAX_PROMPT_LOGPROB_ENTRIES = 1 << 16
-MAX_LOGPROBS = 20
 
 
 def check_prompt_logprobs(req: CompletionRequest, prompts: list[list[int]], k: int | None, max_model_len: int) -> None:

@@ -20,6 +20,7 @@ from trainserve.server.message_schemas import ChatMessage, StrictModel, check_me
 from trainserve.server.messages import conversation
 
 TokenId = Annotated[int, Field(ge=0)]
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's and vLLM's bound)
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 # field → value that is accepted because it means "feature not used"
@@ -298,17 +299,17 @@ Prompt = Annotated[
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     max_tokens: int | None = 16
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_special_tokens: bool = True  # vLLM: the tokenizer's BOS etc. are added to text prompts
     echo: bool = False  # the prompt (and its logprobs) in front of the completion: see echo.py
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's extra: per-prompt-token logprobs
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's extra: per-prompt-token logprobs
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False  # vLLM: the chat template already holds the special tokens

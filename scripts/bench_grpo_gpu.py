@@ -121,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--is-correction", choices=("default", "off"), default="off",
                     help="vllm_importance_sampling_correction: off for every arm (equal work per step), or each "
                          "framework's default (TRL: on, one more logprob forward per step; Unsloth: off)")
+    ap.add_argument("--profile-step", type=int, default=0,
+                    help="profile the training part of this optimizer step (torch.profiler; its time is "
+                         "inflated, so leave it out of the measured steps: e.g. a warm-up step)")
     ap.add_argument("--mem-interval-ms", type=float, default=20.0)
     ap.add_argument("--ts-load-kwargs", type=json.loads, default={},
                     help='extra from_pretrained kwargs for the trainserve arms, JSON (e.g. \'{"standby": false}\')')
@@ -356,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 "temperature": 1.0, "seed": 0, "lora_rank": 16, "lora_alpha": 32, "dataset_size": 512,
                 "is_correction": args.is_correction, "mem_interval_ms": args.mem_interval_ms,
                 "ts_load_kwargs": args.ts_load_kwargs, "ts_checkpointing": args.ts_checkpointing}
+    if args.profile_step:
+        settings["profile_step"] = args.profile_step
     if args.nproc > 1:  # (1 process: the settings stay as they were)
         settings.update(nproc=args.nproc, dist_timeout=args.dist_timeout)
     names = [launch.run_name(arm, args.nproc, gpus) for arm in args.arms]

@@ -32,6 +32,7 @@ from typing import Any
 import bench_grpo_gpu_launch as launch
 from bench_grpo_gpu_launch import compile_cache_entries, versions
 from bench_grpo_gpu_memory import GIB, MemorySampler, wall
+from bench_grpo_gpu_profile import TrainingStepProfiler
 from bench_grpo_gpu_report import summarise
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -319,10 +320,14 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
     hook = "_generate_single_turn" if hasattr(trainer, "_generate_single_turn") else "_generate"
     res["rollout_timer"] = hook
     inner = getattr(trainer, hook)
+    marks: dict[str, Any] = {"last": 0.0, "step": 0}
+    profiler = TrainingStepProfiler(s["profile_step"]) if cuda and s.get("profile_step") else None
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
         out = inner(*args, **kwargs)
+        if profiler is not None:
+            profiler.rollout_returned(marks["step"])
         ids = out[0] if hook == "_generate_single_turn" and isinstance(out, tuple) else None
         try:
             tokens, n = (sum(len(c) for c in ids), len(ids)) if ids is not None else (None, 0)
@@ -345,17 +350,21 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
 
         vgen.sync_weights = timed_sync
 
-    marks = {"last": 0.0}
-
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             sampler.set_phase("warmup" if s["warmup"] else "measured")
             marks["last"] = time.perf_counter()
 
+        def on_step_begin(self, args, state, control, **kw):
+            marks["step"] = state.global_step + 1
+
         def on_step_end(self, args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
             now = time.perf_counter()
+            if profiler is not None and (summary := profiler.step_ended(state.global_step)) is not None:
+                res["profile"] = summary
+                now = time.perf_counter()  # the profiler's own clean-up is not the next step's time
             rolls, pending[:] = list(pending), []
             sync_s, syncs[:] = (sum(syncs) if syncs else None), []
             tokens = [x[1] for x in rolls]

@@ -23,6 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_grpo_gpu_profile import category  # noqa: E402
 from bench_rollout import ALL7, TS_FORMATS, _prompts, _train_step  # noqa: E402
 
 # First match wins; names are lower-cased kernel names.
@@ -33,14 +34,6 @@ CATEGORIES = [
     ("norm_act_rope", ("rms", "norm", "silu", "act_and_mul", "rotary", "rope")),
     ("sampling", ("sample", "softmax", "topk", "top_k", "argmax", "gumbel", "exponential", "log_softmax")),
 ]
-
-
-def _category(name: str) -> str:
-    low = name.lower()
-    for cat, keys in CATEGORIES:
-        if any(k in low for k in keys):
-            return cat
-    return "other"
 
 
 def _profile(fn) -> tuple[float, dict, list]:
@@ -59,7 +52,8 @@ def _profile(fn) -> tuple[float, dict, list]:
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         us = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
-        by_cat[_category(evt.name)] = by_cat.get(_category(evt.name), 0.0) + us
+        cat = category(evt.name, CATEGORIES)
+        by_cat[cat] = by_cat.get(cat, 0.0) + us
         kernels[evt.name] = kernels.get(evt.name, 0.0) + us
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     return wall, by_cat, top

@@ -25,6 +25,7 @@ import bench_grpo_gpu as bench  # noqa: E402
 import bench_grpo_gpu_arms as arms  # noqa: E402
 import bench_grpo_gpu_launch as launch  # noqa: E402
 import bench_grpo_gpu_report as report  # noqa: E402
+import bench_grpo_gpu_profile as profile  # noqa: E402
 from bench_grpo_gpu_memory import MemorySampler  # noqa: E402
 
 SETTINGS = dict(steps=4, warmup=1, prompts_per_step=8, generations=8, completion_length=16, prompt_length=32,
@@ -65,6 +66,22 @@ def test_summary_of_step_records():
     assert out["rollout_tokens_per_s"] == 16384.0 and out["rollout_ms_per_step"] == 1000.0
     assert out["train_ms_per_step"] == 2000.0 and out["weight_sync_ms_per_step"] == 200.0
     assert out["completion_length_mean"] == 256.0 and out["peak_mem_step_max_gib"] == 42.5
+
+
+def test_step_profile_busy_time_and_kernel_categories():
+    """``--profile-step``: GPU busy time is the union of kernel intervals (overlaps counted once),
+    and kernels land in the categories the summary reports."""
+    assert profile.busy_ms([(0, 1000), (500, 2000), (3000, 3500), (3100, 3200)]) == 2.5
+    assert profile.busy_ms([]) == 0.0
+    assert profile.category("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT") == "gemm"
+    assert profile.category("sm90_xmma_gemm_e4m3bf16_e4m3f32") == "gemm_fp8"
+    assert profile.category("_dequant_kernel") == "dequant"
+    assert profile.category("_quantize_kernel") == "act_quantize"
+    assert profile.category("pytorch_flash::flash_bwd_dq_dk_dv_loop") == "attention"
+    assert profile.category("some_new_kernel") == "other"
+    rec = profile.TrainingStepProfiler(3)
+    rec.rollout_returned(2)  # not the profiled step: nothing starts (and no CUDA is touched)
+    assert rec.step_ended(2) is None and rec.step_ended(3) is None
 
 
 def test_memory_sampler_keeps_peaks_per_phase_and_step():

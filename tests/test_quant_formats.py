@@ -109,6 +109,45 @@ def test_fp8_states_dequantise_and_shard(kind: str) -> None:
             FP8QuantState(q, scale, kind, 64, 384, torch.float32)
 
 
+_FP8_INTERPRET = textwrap.dedent("""
+    import torch
+    from trainserve.kernels.fp8_dequant import _dequantize_triton, dequantize_fp8_reference, quantize_fp8_reference
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    # odd sizes: partial tiles in both directions, a block grid with a ragged last block
+    for seed, (n, k, kind) in enumerate([(37, 300, "channel"), (256, 384, "block"), (200, 260, "block"),
+                                         (19, 64, "tensor")]):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+        if kind == "block" and (n % 128 or k % 128):
+            q = (w * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+            s = torch.rand(-(-n // 128), -(-k // 128), generator=torch.Generator().manual_seed(9)) + 0.5
+        else:
+            q, s = quantize_fp8_reference(w, kind)
+        if kind == "channel":
+            s = s.reshape(-1, 1)
+        out = _dequantize_triton(q, s, kind, torch.float32, 128)
+        assert torch.equal(out, dequantize_fp8_reference(q, s, kind, torch.float32, 128)), kind
+        # the interpreter's fp32 -> bf16 conversion does not round like the hardware: one bf16 step here
+        # (exact on the GPU: tests/gpu/test_quant_formats_gpu.py)
+        out16 = _dequantize_triton(q, s, kind, torch.bfloat16, 128)
+        assert out16.dtype == torch.bfloat16 and rel(out16.float(), out) < 2**-7, kind
+        if kind != "block":  # a row slice of a larger tensor (a q/k/v shard): the parent's strides
+            ss = s[5:] if kind == "channel" else s
+            assert torch.equal(_dequantize_triton(q[5:], ss, kind, torch.float32, 128),
+                               dequantize_fp8_reference(q[5:], ss, kind, torch.float32, 128)), kind
+    print("FP8-DEQUANT-INTERPRETER-OK")
+""")
+
+
+def test_fp8_triton_dequantiser_under_interpreter() -> None:
+    """The Triton FP8 dequantiser equals its reference bit for bit (FP8 -> fp32 is exact; the
+    product is one fp32 multiply in both), for every scale kind, partial tiles included."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _FP8_INTERPRET], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert "FP8-DEQUANT-INTERPRETER-OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def _marlin_state(out_f: int, in_f: int, seed: int) -> MarlinQuantState:
     fmt = IntFormat(4, 64, True)
     t = quantize_to_marlin(torch.randn(out_f, in_f, generator=gen(seed)) / in_f**0.5, fmt, torch.float32)

@@ -1,0 +1,119 @@
+"""Where a GRPO training step's time goes: CUDA kernel time by category, for ``--profile-step N``.
+
+Why: at the 7B shape trainserve's GRPO step is ~40% rollout and ~60% training (H200, FP8 per
+channel: 1.58 s + 2.17 s), and the training part runs at about a third of what its GEMM FLOPs
+need at the GPU's measured rates. Whether the rest is GEMMs at poor tile shapes, the LoRA terms,
+casts, the activation quantiser, attention, the log-prob head, the optimizer, or an idle GPU while
+Python launches kernels decides what to build next. ``torch.profiler`` starts when step N's
+rollout returns (so only the training part of the step is recorded: the decode kernels are
+profiled by ``profile_decode_kernels.py``) and stops at the step's end; the summary (categories,
+GPU busy time against wall time, top kernels, top CPU operators) goes into the arm's result JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+# First match wins; lower-cased kernel names. FP8 GEMMs name their element type (e4m3 / f8).
+CATEGORIES = [
+    ("gemm_fp8", ("e4m3", "f8f8", "_f8_", "fp8_gemm", "scaled_mm")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "wgmma")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("logprob_head", ("logprob", "log_softmax", "chunked", "cross_entropy", "_ce_rows")),
+    ("act_quantize", ("_quantize_kernel",)),
+    ("dequant", ("dequant",)),
+    ("norm_rope_swiglu", ("rms", "norm", "rope", "rotary", "swiglu", "silu")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "fused_optimizer")),
+    ("copy_cast", ("copy", "cast", "convert", "to_copy", "cat", "fill", "zero")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton_poi")),
+    ("reduce", ("reduce", "sum", "norm_kernel", "triton_red")),
+]
+
+
+def category(name: str, categories: list[tuple[str, tuple[str, ...]]] = CATEGORIES) -> str:
+    """The first category of ``categories`` one of whose keys occurs in the lower-cased kernel name."""
+    low = name.lower()
+    for cat, keys in categories:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Union length of ``(start, end)`` intervals in µs, as ms: the time the GPU ran at least one kernel."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total / 1e3
+
+
+class TrainingStepProfiler:
+    """Profiles the training part of one optimizer step (from its rollout's return to the step's end)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self._prof: Any = None
+        self._t0 = 0.0
+
+    def rollout_returned(self, step: int) -> None:
+        if step != self.step or self._prof is not None:
+            return
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+
+    def step_ended(self, step: int) -> dict[str, Any] | None:
+        """Stop (after ``torch.cuda.synchronize()``) and summarise; None unless this was the profiled step."""
+        if step != self.step or self._prof is None:
+            return None
+        import torch
+
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - self._t0) * 1e3
+        self._prof.__exit__(None, None, None)
+        return summarise(self._prof, wall_ms, self.step)
+
+
+def summarise(prof: Any, wall_ms: float, step: int) -> dict[str, Any]:
+    import torch
+
+    by_cat: dict[str, float] = {}
+    kernels: dict[str, list[float]] = {}
+    intervals: list[tuple[float, float]] = []
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        dur = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+        start = evt.time_range.start
+        intervals.append((start, start + dur))
+        cat = category(evt.name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + dur / 1e3
+        k = kernels.setdefault(evt.name[:160], [0.0, 0])
+        k[0] += dur / 1e3
+        k[1] += 1
+    busy = busy_ms(intervals)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    cpu_ops = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                     key=lambda e: -e.self_cpu_time_total)[:25]
+    return {
+        "step": step,
+        "what": "training part of the step: from the rollout's return to the optimizer step's end",
+        "wall_ms": round(wall_ms, 1),
+        "gpu_busy_ms": round(busy, 1),
+        "gpu_idle_share": round(1 - busy / wall_ms, 3) if wall_ms else None,
+        "kernel_ms_by_category": {c: round(v, 1) for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "kernel_launches": sum(k[1] for k in kernels.values()),
+        "top_kernels": [{"name": n, "ms": round(v[0], 2), "calls": v[1]} for n, v in top],
+        "top_cpu_ops": [{"name": e.key[:120], "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
+                         "calls": e.count} for e in cpu_ops],
+    }

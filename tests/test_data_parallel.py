@@ -34,12 +34,36 @@ def _torchrun(out: Path, steps: int, *extra: str, timeout: float = 420) -> subpr
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.engine
-def test_two_ranks_train_one_adapter_and_each_engine_serves_it(tmp_path):
-    steps = 2
-    r = _torchrun(tmp_path, steps)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+def _two_nodes(out: Path, steps: int, timeout: float = 420) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents, one process each, meeting through torchrun's c10d rendezvous as two
+    hosts would (docs/multi_gpu.md, "Multi-node"): LOCAL_RANK is 0 on both, RANK 0 and 1."""
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_ENV, "LOCAL_WORLD_SIZE")}
+    env.update(VLLM_LOGGING_LEVEL="ERROR", TRAINSERVE_DIST_TIMEOUT="120", PYTHONPATH=str(WORKER.parent))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "trainserve-test",
+           str(WORKER), str(out), str(steps)]
+    agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    done = []
+    for agent in agents:
+        try:
+            stdout, stderr = agent.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for a in agents:
+                a.kill()
+            raise
+        done.append(subprocess.CompletedProcess(cmd, agent.returncode, stdout, stderr))
+    return done
+
+
+def _check_two_ranks(out: Path, steps: int) -> None:
+    """What every 2-rank run must show (one host or two)."""
+    result = json.loads((out / "result.json").read_text())
     reports = result["reports"]
     assert [x["rank"] for x in reports] == [0, 1]
     assert result["global_step"] == steps
@@ -59,11 +83,31 @@ def test_two_ranks_train_one_adapter_and_each_engine_serves_it(tmp_path):
     assert len(set(result["prompts"])) == 1 and len(result["completions"]) == 4
     assert result["completions"][:2] != result["completions"][2:], result["completions"]
     # rank 0 alone wrote the metrics (one line per step) and the checkpoint
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
-    checkpoint = tmp_path / f"checkpoint-{steps}"
+    checkpoint = out / f"checkpoint-{steps}"
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a staging directory was left behind"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a staging directory was left behind"
+
+
+@pytest.mark.engine
+def test_two_ranks_train_one_adapter_and_each_engine_serves_it(tmp_path):
+    steps = 2
+    r = _torchrun(tmp_path, steps)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    _check_two_ranks(tmp_path, steps)
+
+
+@pytest.mark.engine
+def test_two_hosts_through_torchrun_rendezvous(tmp_path):
+    """Multi-node as documented, on one machine: each "host" has local rank 0, so whatever must
+    happen once per job (metrics, checkpoints, result) has to key on the global rank; the output
+    directory is shared, as a shared filesystem would be."""
+    steps = 2
+    runs = _two_nodes(tmp_path, steps)
+    for r in runs:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    _check_two_ranks(tmp_path, steps)
 
 
 @pytest.mark.engine

@@ -111,6 +111,29 @@ def test_two_hosts_through_torchrun_rendezvous(tmp_path):
 
 
 @pytest.mark.engine
+def test_grpo_cli_resumes_under_two_ranks(tmp_path):
+    """``trainserve grpo --resume`` with the same world size continues from rank 0's checkpoint:
+    steps are numbered on, not repeated, and the next checkpoint is written by rank 0 alone."""
+    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_ENV, "LOCAL_WORLD_SIZE")}
+    env.update(VLLM_LOGGING_LEVEL="ERROR", TRAINSERVE_DIST_TIMEOUT="120")
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "trainserve.cli", "grpo", "--out", str(out), "--save-every", "2", "--no-plot", "--batch-size", "8",
+            "--num-generations", "4"]
+    for steps, extra in ((2, []), (4, ["--resume"])):
+        r = subprocess.run([*base, "--steps", str(steps), *extra], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 4 and summary["steps_this_run"] == 2
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and (out / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2",
+                                                                                          "checkpoint-4"]
+
+
+@pytest.mark.engine
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     t0 = time.perf_counter()
     r = _torchrun(tmp_path, 2, "1", timeout=300)  # the reward function raises on rank 1

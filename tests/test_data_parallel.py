@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -26,9 +28,22 @@ TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR"
                 "MASTER_PORT": "29511"}
 
 
-def _torchrun(out: Path, steps: int, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess:
+def _launcher_env() -> dict[str, str]:
+    """This environment without a launcher's variables (pytest may itself run under one), quiet vLLM,
+    short collective timeouts, and the worker importable."""
     env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_ENV, "LOCAL_WORLD_SIZE")}
     env.update(VLLM_LOGGING_LEVEL="ERROR", TRAINSERVE_DIST_TIMEOUT="120", PYTHONPATH=str(WORKER.parent))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(out: Path, steps: int, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    env = _launcher_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), str(out), str(steps), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -37,13 +52,8 @@ def _torchrun(out: Path, steps: int, *extra: str, timeout: float = 420) -> subpr
 def _two_nodes(out: Path, steps: int, timeout: float = 420) -> list[subprocess.CompletedProcess]:
     """Two torchrun agents, one process each, meeting through torchrun's c10d rendezvous as two
     hosts would (docs/multi_gpu.md, "Multi-node"): LOCAL_RANK is 0 on both, RANK 0 and 1."""
-    import socket
-
-    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_ENV, "LOCAL_WORLD_SIZE")}
-    env.update(VLLM_LOGGING_LEVEL="ERROR", TRAINSERVE_DIST_TIMEOUT="120", PYTHONPATH=str(WORKER.parent))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    env = _launcher_env()
+    port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "trainserve-test",
            str(WORKER), str(out), str(steps)]
@@ -111,11 +121,28 @@ def test_two_hosts_through_torchrun_rendezvous(tmp_path):
 
 
 @pytest.mark.engine
+def test_accelerate_launch_runs_the_same_job(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` (accelerate's own torchrun launch; on the
+    CPU the ranks use gloo) runs the unchanged worker to the same result as torchrun does."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("no accelerate command")
+    port = _free_port()
+    env = _launcher_env()
+    steps = 2
+    r = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                        str(WORKER), str(tmp_path), str(steps)], env=env, capture_output=True, text=True,
+                       timeout=420)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    _check_two_ranks(tmp_path, steps)
+
+
+@pytest.mark.engine
 def test_grpo_cli_resumes_under_two_ranks(tmp_path):
     """``trainserve grpo --resume`` with the same world size continues from rank 0's checkpoint:
     steps are numbered on, not repeated, and the next checkpoint is written by rank 0 alone."""
-    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_ENV, "LOCAL_WORLD_SIZE")}
-    env.update(VLLM_LOGGING_LEVEL="ERROR", TRAINSERVE_DIST_TIMEOUT="120")
+    env = _launcher_env()
     out = tmp_path / "run"
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
             "trainserve.cli", "grpo", "--out", str(out), "--save-every", "2", "--no-plot", "--batch-size", "8",

@@ -85,6 +85,7 @@ class TrainingStepProfiler:
 
 
 def summarise(prof: Any, wall_ms: float, step: int) -> dict[str, Any]:
+    """The JSON summary of a finished ``torch.profiler.profile`` over ``wall_ms`` of step ``step``."""
     import torch
 
     by_cat: dict[str, float] = {}

@@ -24,8 +24,8 @@ sys.path.append(str(SCRIPTS))
 import bench_grpo_gpu as bench  # noqa: E402
 import bench_grpo_gpu_arms as arms  # noqa: E402
 import bench_grpo_gpu_launch as launch  # noqa: E402
-import bench_grpo_gpu_report as report  # noqa: E402
 import bench_grpo_gpu_profile as profile  # noqa: E402
+import bench_grpo_gpu_report as report  # noqa: E402
 from bench_grpo_gpu_memory import MemorySampler  # noqa: E402
 
 SETTINGS = dict(steps=4, warmup=1, prompts_per_step=8, generations=8, completion_length=16, prompt_length=32,

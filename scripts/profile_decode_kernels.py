@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_grpo_gpu_profile import category  # noqa: E402
 from bench_rollout import ALL7, TS_FORMATS, _prompts, _train_step  # noqa: E402
+from profile_rollout import thread_cpu_seconds  # noqa: E402
 
 # First match wins; names are lower-cased kernel names.
 CATEGORIES = [
@@ -59,6 +60,23 @@ def _profile(fn) -> tuple[float, dict, list]:
     return wall, by_cat, top
 
 
+def engine_config(model) -> dict:
+    """Whether the engine loop can overlap its CPU work with the GPU (vLLM's async scheduling runs
+    the next step's scheduling while this one executes): read from the running engine, best effort."""
+    from trainserve.model_api import state_of
+
+    try:
+        llm_engine = state_of(model).engine.llm.llm_engine
+        cfg = llm_engine.vllm_config
+        core = getattr(llm_engine.engine_core, "engine_core", None)
+        return {"async_scheduling": cfg.scheduler_config.async_scheduling,
+                "max_concurrent_batches": getattr(cfg, "max_concurrent_batches", None),
+                "step_fn": getattr(getattr(core, "step_fn", None), "__name__", None),
+                "cudagraph_mode": str(getattr(cfg.compilation_config, "cudagraph_mode", None))}
+    except Exception as exc:  # a diagnostic: never the reason a profile is lost
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_format(a, fmt: str) -> dict:
     import torch
     from vllm import SamplingParams
@@ -75,6 +93,7 @@ def run_format(a, fmt: str) -> dict:
             "device_used_after_load_gib": round((total - free) / 2**30, 2),
             "torch_allocated_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
             "torch_max_allocated_during_load_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    load["engine"] = engine_config(model)
     model = FastLanguageModel.get_peft_model(model, r=a.rank, lora_alpha=2 * a.rank, target_modules=ALL7)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     _train_step(model, opt)
@@ -90,15 +109,19 @@ def run_format(a, fmt: str) -> dict:
             return model.fast_generate(prompts, sampling_params=sp)
 
         gen()  # warm (CUDA graphs for this batch size)
-        t = time.perf_counter()
+        cpu0, t = thread_cpu_seconds(), time.perf_counter()
         gen()
         torch.cuda.synchronize()
         plain_wall = time.perf_counter() - t
+        cpu1 = thread_cpu_seconds()
+        # the thread that steps the engine: near 1.0 means the loop is CPU-bound (the GPU waits for it)
+        busiest = max((cpu1[k] - cpu0.get(k, 0.0), k) for k in cpu1)
         wall, by_cat, top = _profile(gen)
         steps = a.new_tokens
         out[mode] = {
             "wall_s_unprofiled": round(plain_wall, 3), "wall_s_profiled": round(wall, 3),
             "tok_s_unprofiled": round(a.batch * a.new_tokens / plain_wall, 1),
+            "busiest_thread": busiest[1], "busiest_thread_cpu_share": round(busiest[0] / plain_wall, 3),
             "gpu_ms_per_step": {k: round(v / 1e3 / steps, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
             "gpu_busy_share": round(sum(by_cat.values()) / 1e6 / wall, 3),
             "wall_ms_per_step": round(wall * 1e3 / steps, 3),

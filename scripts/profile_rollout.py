@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rollout import ALL7, _prompts, _train_step, _write_random_adapter  # noqa: E402
 
 
-def _thread_cpu() -> dict[str, float]:
+def thread_cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by each thread of this process, keyed ``name/tid`` (Linux)."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
@@ -94,10 +94,10 @@ def main() -> None:
 
     rollout()
     speed["after_warmup_ms"] = _python_speed()
-    before, t = _thread_cpu(), time.perf_counter()
+    before, t = thread_cpu_seconds(), time.perf_counter()
     rollout()
     wall = time.perf_counter() - t
-    after = _thread_cpu()
+    after = thread_cpu_seconds()
     busy = sorted(((after[k] - before.get(k, 0.0), k) for k in after), reverse=True)[:12]
     report = [f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
               f"python speed {speed}, rollout {wall:.2f} s without profiler; CPU s per thread during it:"]

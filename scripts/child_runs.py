@@ -8,11 +8,14 @@ stopping the others.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -41,3 +44,27 @@ def write_results(out_dir: str, stem: str, results: dict) -> Path:
     out.write_text(json.dumps({"date": today, "device": device, "command": " ".join(sys.argv),
                                "results": results}, indent=1))
     return out
+
+
+def main(script: str, description: str, stem: str, option: str, cases: list[str], default_steps: int,
+         child: Callable[[str, str, int], dict]) -> int:
+    """The command line both diagnosis scripts share: ``--<option> CASE...`` (from ``cases``),
+    ``--steps``, ``--model-dir`` (a random Qwen2-0.5B checkpoint, built if missing), ``--out``; each
+    case runs ``child(path, case, steps)`` in its own process (the hidden ``--child``)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument(f"--{option}", nargs="+", default=list(cases), choices=list(cases))
+    ap.add_argument("--steps", type=int, default=default_steps)
+    ap.add_argument("--model-dir", default=None, help="random Qwen2-0.5B checkpoint (built if missing)")
+    ap.add_argument("--out", default=None, help=f"write {stem}_<date>.json here")
+    ap.add_argument("--child", nargs=3, metavar=("PATH", option.rstrip("s").upper(), "STEPS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child[0], args.child[1], int(args.child[2]))), flush=True)
+        return 0
+    from trainserve.random_model import random_qwen2
+
+    path = random_qwen2("0.5b", args.model_dir or Path(tempfile.gettempdir()) / "trainserve-random-qwen2-0.5b")
+    results = run_children(script, {case: [str(path), case, str(args.steps)] for case in getattr(args, option)})
+    if args.out:
+        write_results(args.out, stem, results)
+    return 0

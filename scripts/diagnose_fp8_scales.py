@@ -27,15 +27,12 @@ Usage (GPU, vLLM): ``python3 -P scripts/diagnose_fp8_scales.py --out /root/out``
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from child_runs import run_children, write_results  # noqa: E402
+import child_runs  # noqa: E402
 
 LAYOUTS = {"block": ("fp8_per_block", True), "channel": ("fp8_per_channel", True),
            "channel-nostandby": ("fp8_per_channel", False)}
@@ -143,27 +140,14 @@ def _child(path: str, quantization: str, standby: bool, steps: int) -> dict:
     return r
 
 
+def _layout_child(path: str, layout: str, steps: int) -> dict:
+    quantization, standby = LAYOUTS[layout]
+    return _child(path, quantization, standby, steps)
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--model-dir", default=None, help="random Qwen2-0.5B checkpoint (built if missing)")
-    ap.add_argument("--out", default=None, help="write diagnose_fp8_scales_<date>.json here")
-    ap.add_argument("--child", nargs=3, metavar=("PATH", "LAYOUT", "STEPS"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        quantization, standby = LAYOUTS[args.child[1]]
-        r = _child(args.child[0], quantization, standby, int(args.child[2]))
-        print("RESULT " + json.dumps(r), flush=True)
-        return 0
-    from trainserve.random_model import random_qwen2
-
-    path = random_qwen2("0.5b", args.model_dir or Path(tempfile.gettempdir()) / "trainserve-random-qwen2-0.5b")
-    results = run_children(__file__, {layout: [str(path), layout, str(args.steps)] for layout in args.layouts})
-    if args.out:
-        write_results(args.out, "diagnose_fp8_scales", results)
-    return 0
-
+    return child_runs.main(__file__, __doc__.split("\n\n")[0], "diagnose_fp8_scales", "layouts", list(LAYOUTS), 60,
+                           _layout_child)
 
 if __name__ == "__main__":
     sys.exit(main())

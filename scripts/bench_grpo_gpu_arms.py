@@ -309,6 +309,18 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
     return 0 if res["ok"] else 3
 
 
+def attention_kinds_since(marks: dict[str, Any]) -> dict[str, int] | None:
+    """trainserve arms: training forwards per attention kind since the last call (a ``masked``
+    forward runs SDPA's fp32 math kernel: slow and large); None for the peers."""
+    module = sys.modules.get("trainserve.models.attention")
+    if module is None:
+        return None
+    now = module.attention_kind_counts()
+    last = marks.get("attention_kinds", {})
+    marks["attention_kinds"] = now
+    return {k: n - last.get(k, 0) for k, n in now.items() if n - last.get(k, 0)}
+
+
 def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sampler: MemorySampler,
           cuda: bool, write: Any) -> None:
     """``trainer.train()`` with the generation hook and each step timed, memory per step recorded."""
@@ -374,6 +386,8 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
                    "completions": sum(x[2] for x in rolls), "weight_sync_s": sync_s,
                    "mem_peak_gib": (lambda p: p and round(p / GIB, 2))(sampler.take_step_peak())}
             rec.update(sampler.step_per_gpu())  # several GPUs (--nproc): each one's peak
+            if (kinds := attention_kinds_since(marks)) is not None:
+                rec["attention_kinds"] = kinds
             marks["last"] = now
             res["steps"].append(rec)
             tps = (f", {rec['rollout_tokens'] / rec['rollout_s']:.0f} tok/s"

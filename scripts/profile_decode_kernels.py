@@ -37,7 +37,25 @@ CATEGORIES = [
 ]
 
 
-def _profile(fn) -> tuple[float, dict, list]:
+# CPU-side calls in which the stepping thread waits for the GPU (or copies device → host)
+WAIT_OPS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
+            "cudaMemcpyAsync", "aten::_local_scalar_dense")
+
+
+def cpu_waits(events) -> dict[str, list]:
+    """Wait-type CPU calls of a profiled rollout, ``{name: [ms, calls]}``: how long the engine loop
+    blocked on the GPU explicitly. (The CUDA runtime events carry no Python stack, so this is by
+    call, not by call site.)"""
+    out: dict[str, list] = {}
+    for evt in events:
+        if evt.name in WAIT_OPS:
+            entry = out.setdefault(evt.name, [0.0, 0])
+            entry[0] += evt.self_cpu_time_total / 1e3
+            entry[1] += 1
+    return {k: [round(v[0], 2), v[1]] for k, v in sorted(out.items(), key=lambda kv: -kv[1][0])}
+
+
+def _profile(fn) -> tuple[float, dict, list, dict]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -57,7 +75,7 @@ def _profile(fn) -> tuple[float, dict, list]:
         by_cat[cat] = by_cat.get(cat, 0.0) + us
         kernels[evt.name] = kernels.get(evt.name, 0.0) + us
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
-    return wall, by_cat, top
+    return wall, by_cat, top, cpu_waits(prof.events())
 
 
 def engine_config(model) -> dict:
@@ -114,9 +132,10 @@ def run_format(a, fmt: str) -> dict:
         torch.cuda.synchronize()
         plain_wall = time.perf_counter() - t
         cpu1 = thread_cpu_seconds()
-        # the thread that steps the engine: near 1.0 means the loop is CPU-bound (the GPU waits for it)
+        # the thread that steps the engine: near 1.0 means it never slept (CPU-bound, or spinning in a
+        # CUDA wait: compare cpu_waits_ms_calls); well below 1.0, it slept waiting for the GPU
         busiest = max((cpu1[k] - cpu0.get(k, 0.0), k) for k in cpu1)
-        wall, by_cat, top = _profile(gen)
+        wall, by_cat, top, waits = _profile(gen)
         steps = a.new_tokens
         out[mode] = {
             "wall_s_unprofiled": round(plain_wall, 3), "wall_s_profiled": round(wall, 3),
@@ -126,6 +145,7 @@ def run_format(a, fmt: str) -> dict:
             "gpu_busy_share": round(sum(by_cat.values()) / 1e6 / wall, 3),
             "wall_ms_per_step": round(wall * 1e3 / steps, 3),
             "top_kernels_ms": [(n[:120], round(us / 1e3, 2)) for n, us in top],
+            "cpu_waits_ms_calls": waits,
         }
     return out
 

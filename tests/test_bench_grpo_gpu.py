@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.append(str(SCRIPTS))
@@ -272,3 +273,34 @@ def test_smoke_run_through_bench_grpo_device_cuda(tmp_path):
     assert run["trainer_args"]["generation_batch_size"] == 64 and run["startup_s"] > 0
     assert run["rollout_tokens_per_s"] > 0 and 0 < run["completion_length_mean"] <= 8
     assert (tmp_path / "copy" / path.name).exists() and "| trainserve_bf16 |" in proc.stdout
+
+
+def test_attention_kinds_are_reported_per_step_for_trainserve_arms(monkeypatch) -> None:
+    """Each step's record says how many training forwards ran each attention kind (a ``masked``
+    forward is SDPA's slow fp32 math kernel); peers, without trainserve imported, get None."""
+    from trainserve.models import attention
+
+    marks: dict = {}
+    monkeypatch.delitem(sys.modules, "trainserve.models.attention")
+    assert arms.attention_kinds_since(marks) is None
+    monkeypatch.setitem(sys.modules, "trainserve.models.attention", attention)
+    arms.attention_kinds_since(marks)  # the baseline
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    attention.build_attn_spec(mask, None, 2, 4, torch.device("cpu"))
+    attention.build_attn_spec(None, None, 2, 4, torch.device("cpu"))
+    attention.build_attn_spec(None, None, 2, 4, torch.device("cpu"))
+    assert arms.attention_kinds_since(marks) == {"masked": 1, "causal": 2}
+    assert arms.attention_kinds_since(marks) == {}
+
+
+def test_profile_decode_sums_the_waits_of_the_engine_loop() -> None:
+    import profile_decode_kernels
+
+    class Evt:
+        def __init__(self, name: str, us: float) -> None:
+            self.name, self.self_cpu_time_total = name, us
+
+    events = [Evt("cudaMemcpyAsync", 1500), Evt("aten::mm", 9000), Evt("cudaMemcpyAsync", 500),
+              Evt("cudaEventSynchronize", 4000)]
+    assert profile_decode_kernels.cpu_waits(events) == {"cudaEventSynchronize": [4.0, 1],
+                                                        "cudaMemcpyAsync": [2.0, 2]}

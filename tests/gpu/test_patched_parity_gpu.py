@@ -178,3 +178,29 @@ def test_sliding_window_parity(tiny_path: str) -> None:
     m = _load(tiny_path, config=cfg)
     FastQwen2Model.patch_model(m, use_gradient_checkpointing="unsloth")
     _compare(ref, _step(_lora(m), input_ids=ids, labels=labels))
+
+
+def test_padded_batch_parity_through_varlen(tiny_path: str) -> None:
+    """A GRPO-shaped batch (left-padded prompts, right-padded completions) runs varlen attention,
+    not SDPA's fp32 math fallback, and matches the unpatched model's loss and LoRA gradients."""
+    from trainserve.models.attention import attention_kind_counts
+
+    ids, labels = _batch(seed=6)
+    mask = torch.ones_like(ids)
+    for row, (left, right) in enumerate([(0, 0), (9, 0), (0, 40), (5, 77)]):
+        mask[row, :left] = 0
+        if right:
+            mask[row, -right:] = 0
+    labels[mask == 0] = -100
+    labels[1, 9] = labels[3, 5] = -100  # a row's first real token is predicted from padding
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+              "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+    ref = _step(_lora(_load(tiny_path)), **inputs)
+    m = _load(tiny_path)
+    FastQwen2Model.patch_model(m, use_gradient_checkpointing=False)
+    before = attention_kind_counts()
+    got = _step(_lora(m), **inputs)
+    after = attention_kind_counts()
+    assert after.get("varlen", 0) > before.get("varlen", 0)
+    assert after.get("masked", 0) == before.get("masked", 0)
+    _compare(ref, got)

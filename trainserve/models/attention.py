@@ -10,13 +10,22 @@ by transformers": the original forward runs). Kinds:
 * ``varlen`` - padding-free packing (position ids that restart, or transformers' flash kwargs
   ``cu_seq_lens_q``...): ``torch.nn.attention.varlen.varlen_attn`` on CUDA when it exists, with a
   sliding window when the layer has one; otherwise an equivalent block-diagonal mask.
-* ``masked`` - padding (a 2-D attention mask with zeros), sliding windows without varlen, or a
-  caller's 4-D mask: SDPA with an explicit boolean mask.
+* ``varlen`` also serves *padding* on CUDA when each row's real tokens are one contiguous run (left
+  and/or right padding, as TRL's GRPO batches are: left-padded prompts, right-padded completions):
+  every row is cut into its leading pads, its real tokens and its trailing pads, so real tokens
+  attend exactly to the real tokens before them, as under the padding mask. Outputs at padding
+  positions differ from the masked path's (pads attend to pads), and no loss reads them. Why not
+  SDPA with the mask: with a boolean mask and grouped KV heads, SDPA has no fused kernel and runs
+  its math backend, which upcasts to fp32 and keeps a ``(B, H, S, S)`` fp32 probability tensor
+  per layer for the backward (7B, 16 rows of 386 tokens: 267 MB a layer, 7.5 GB a forward).
+* ``masked`` - padding that is not one run per row, sliding windows without varlen, padding off
+  CUDA, or a caller's 4-D mask: SDPA with an explicit boolean mask.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +40,8 @@ except Exception:  # noqa: BLE001
     _VARLEN_PARAMS = set()
 
 _FLASH_GQA: dict[str, bool] = {}
+#: how many forwards built each attention kind in this process (:func:`attention_kind_counts`)
+_KIND_COUNTS: Counter = Counter()
 
 
 @dataclass
@@ -77,6 +88,26 @@ def build_attn_spec(
     flash_kwargs: dict | None = None,
 ) -> AttnSpec:
     """Decide the attention kind for one forward (host syncs at most twice, before any layer)."""
+    spec = _decide(attention_mask, position_ids, batch, seq, device, window, flash_kwargs)
+    _KIND_COUNTS[spec.kind] += 1
+    return spec
+
+
+def attention_kind_counts() -> dict[str, int]:
+    """Forwards per attention kind so far in this process (``causal``/``varlen``/``masked``): a
+    benchmark reports it, because a ``masked`` forward is far slower and larger than the others."""
+    return dict(_KIND_COUNTS)
+
+
+def _decide(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    window: int | None = None,
+    flash_kwargs: dict | None = None,
+) -> AttnSpec:
     if window is not None and window >= seq:
         window = None
     if flash_kwargs and flash_kwargs.get("cu_seq_lens_q") is not None and attention_mask is None:
@@ -85,7 +116,7 @@ def build_attn_spec(
         return _varlen_or_mask(cu, max_len, batch, seq, device, window)
     if attention_mask is not None and attention_mask.dim() == 4:
         return AttnSpec("masked", mask=attention_mask.to(device), window=window)
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    padded, runs = _padding_runs(attention_mask.to(device)) if attention_mask is not None else (False, None)
     packed = False
     seg = None
     if position_ids is not None and seq > 1 and attention_mask is None:  # as transformers decides
@@ -105,10 +136,49 @@ def build_attn_spec(
         cu = torch.cat([idx, torch.tensor([batch * seq], dtype=torch.int32, device=device)])
         max_len = int((cu[1:] - cu[:-1]).max())
         return _varlen_or_mask(cu, max_len, batch, seq, device, window)
+    if runs is not None and varlen_available(device, window):
+        return AttnSpec("varlen", cu_seqlens=runs[0], max_len=runs[1], window=window)
     keep = _window_mask(seq, window, device)[None]  # (1, S, S)
     keep = keep & attention_mask.bool()[:, None, :]  # keys that are not padding
     keep = keep | torch.eye(seq, dtype=torch.bool, device=device)[None]  # no empty rows (padding)
     return AttnSpec("masked", mask=keep[:, None], window=window)
+
+
+def padding_segments(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """``(cu_seqlens, max_len)`` cutting each row of a ``(B, S)`` padding mask into its leading
+    pads, its real tokens and its trailing pads (empty pieces dropped), over the flattened ``B*S``
+    tokens; None when the mask has no padding or some row's real tokens are not one run."""
+    return _padding_runs(attention_mask)[1]
+
+
+def _padding_runs(attention_mask: torch.Tensor) -> tuple[bool, tuple[torch.Tensor, int] | None]:
+    """``(padded, runs)`` for a ``(B, S)`` mask with one host sync (the mask usually lives on the
+    GPU, and a sync at the start of a forward stalls the launch queue): whether any position is
+    padding, and :func:`padding_segments`' answer. The cuts are made on the host and copied back
+    without another sync."""
+    m = attention_mask.bool()
+    batch, seq = m.shape
+    count = m.sum(1)
+    first = torch.where(count > 0, m.int().argmax(1), torch.zeros_like(count))
+    pos = torch.arange(seq, device=m.device)[None, :]
+    one_run = ((pos >= first[:, None]) & (pos < (first + count)[:, None])) == m
+    host = torch.cat([torch.stack([m.all(), one_run.all()]).long(), first, count]).tolist()
+    if host[0]:
+        return False, None
+    if not host[1]:
+        return True, None
+    cuts: list[int] = []
+    for row, (start, real) in enumerate(zip(host[2 : 2 + batch], host[2 + batch :], strict=True)):
+        for cut in (row * seq, row * seq + start, row * seq + start + real):
+            if not cuts or cut != cuts[-1]:
+                cuts.append(cut)
+    if cuts[-1] != batch * seq:
+        cuts.append(batch * seq)
+    max_len = max(b - a for a, b in zip(cuts, cuts[1:], strict=False))
+    cu = torch.tensor(cuts, dtype=torch.int32)
+    if m.is_cuda:
+        cu = cu.pin_memory().to(m.device, non_blocking=True)
+    return True, (cu, max_len)
 
 
 def _varlen_or_mask(

@@ -379,3 +379,12 @@ def logprobs_mode(llm: Any) -> str:
     if config is None or not hasattr(config, "logprobs_mode"):
         raise _fail("llm.llm_engine.model_config.logprobs_mode is gone")
     return str(config.logprobs_mode)
+
+
+def kv_cache_tokens(llm: Any) -> int:
+    """Tokens the engine's KV cache holds: ``cache_config.num_gpu_blocks`` × ``block_size``."""
+    config = getattr(getattr(getattr(llm, "llm_engine", None), "vllm_config", None), "cache_config", None)
+    blocks, size = getattr(config, "num_gpu_blocks", None), getattr(config, "block_size", None)
+    if not blocks or not size:
+        raise _fail("llm.llm_engine.vllm_config.cache_config.num_gpu_blocks/block_size are gone")
+    return int(blocks) * int(size)

@@ -24,9 +24,12 @@ by transformers": the original forward runs). Kinds:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +81,25 @@ def varlen_available(device: torch.device, window: int | None = None) -> bool:
     return window is None or "window_size" in _VARLEN_PARAMS
 
 
+def _counted(build: Callable[..., AttnSpec]) -> Callable[..., AttnSpec]:
+    """Count the kinds ``build`` returns (see :func:`attention_kind_counts`)."""
+
+    @functools.wraps(build)
+    def counted(*args: Any, **kwargs: Any) -> AttnSpec:
+        spec = build(*args, **kwargs)
+        _KIND_COUNTS[spec.kind] += 1
+        return spec
+
+    return counted
+
+
+def attention_kind_counts() -> dict[str, int]:
+    """Forwards per attention kind so far in this process (``causal``/``varlen``/``masked``): a
+    benchmark reports it, because a ``masked`` forward is far slower and larger than the others."""
+    return dict(_KIND_COUNTS)
+
+
+@_counted
 def build_attn_spec(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
@@ -88,26 +110,6 @@ def build_attn_spec(
     flash_kwargs: dict | None = None,
 ) -> AttnSpec:
     """Decide the attention kind for one forward (host syncs at most twice, before any layer)."""
-    spec = _decide(attention_mask, position_ids, batch, seq, device, window, flash_kwargs)
-    _KIND_COUNTS[spec.kind] += 1
-    return spec
-
-
-def attention_kind_counts() -> dict[str, int]:
-    """Forwards per attention kind so far in this process (``causal``/``varlen``/``masked``): a
-    benchmark reports it, because a ``masked`` forward is far slower and larger than the others."""
-    return dict(_KIND_COUNTS)
-
-
-def _decide(
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    batch: int,
-    seq: int,
-    device: torch.device,
-    window: int | None = None,
-    flash_kwargs: dict | None = None,
-) -> AttnSpec:
     if window is not None and window >= seq:
         window = None
     if flash_kwargs and flash_kwargs.get("cu_seq_lens_q") is not None and attention_mask is None:

@@ -32,7 +32,7 @@ from typing import Any
 import bench_grpo_gpu_launch as launch
 from bench_grpo_gpu_launch import compile_cache_entries, versions
 from bench_grpo_gpu_memory import GIB, MemorySampler, wall
-from bench_grpo_gpu_profile import TrainingStepProfiler
+from bench_grpo_gpu_profile import TrainingStepProfiler, attention_kinds_since
 from bench_grpo_gpu_report import summarise
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -307,18 +307,6 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
         write()
     log(arm, "done" if res["ok"] else "done (failed)")
     return 0 if res["ok"] else 3
-
-
-def attention_kinds_since(marks: dict[str, Any]) -> dict[str, int] | None:
-    """trainserve arms: training forwards per attention kind since the last call (a ``masked``
-    forward runs SDPA's fp32 math kernel: slow and large); None for the peers."""
-    module = sys.modules.get("trainserve.models.attention")
-    if module is None:
-        return None
-    now = module.attention_kind_counts()
-    last = marks.get("attention_kinds", {})
-    marks["attention_kinds"] = now
-    return {k: n - last.get(k, 0) for k, n in now.items() if n - last.get(k, 0)}
 
 
 def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sampler: MemorySampler,

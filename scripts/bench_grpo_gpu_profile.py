@@ -12,6 +12,7 @@ GPU busy time against wall time, top kernels, top CPU operators) goes into the a
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -118,3 +119,15 @@ def summarise(prof: Any, wall_ms: float, step: int) -> dict[str, Any]:
         "top_cpu_ops": [{"name": e.key[:120], "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
                          "calls": e.count} for e in cpu_ops],
     }
+
+
+def attention_kinds_since(marks: dict[str, Any]) -> dict[str, int] | None:
+    """trainserve arms: training forwards per attention kind since the last call (a ``masked``
+    forward runs SDPA's fp32 math kernel: slow and large); None for the peers."""
+    module = sys.modules.get("trainserve.models.attention")
+    if module is None:
+        return None
+    now = module.attention_kind_counts()
+    last = marks.get("attention_kinds", {})
+    marks["attention_kinds"] = now
+    return {k: n - last.get(k, 0) for k, n in now.items() if n - last.get(k, 0)}

@@ -282,15 +282,15 @@ def test_attention_kinds_are_reported_per_step_for_trainserve_arms(monkeypatch) 
 
     marks: dict = {}
     monkeypatch.delitem(sys.modules, "trainserve.models.attention")
-    assert arms.attention_kinds_since(marks) is None
+    assert profile.attention_kinds_since(marks) is None
     monkeypatch.setitem(sys.modules, "trainserve.models.attention", attention)
-    arms.attention_kinds_since(marks)  # the baseline
+    profile.attention_kinds_since(marks)  # the baseline
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     attention.build_attn_spec(mask, None, 2, 4, torch.device("cpu"))
     attention.build_attn_spec(None, None, 2, 4, torch.device("cpu"))
     attention.build_attn_spec(None, None, 2, 4, torch.device("cpu"))
-    assert arms.attention_kinds_since(marks) == {"masked": 1, "causal": 2}
-    assert arms.attention_kinds_since(marks) == {}
+    assert profile.attention_kinds_since(marks) == {"masked": 1, "causal": 2}
+    assert profile.attention_kinds_since(marks) == {}
 
 
 def test_profile_decode_sums_the_waits_of_the_engine_loop() -> None:

@@ -66,3 +66,17 @@ def test_the_trainer_advises_only_on_cuda(monkeypatch, caplog) -> None:
         advice = kv_budget.advise_kv_cache(state.engine, args, state.config)
     assert advice is not None and advice.needed_tokens == 4 * state.engine.spec.max_model_len
     assert "GRPOTrainer: the engine's KV cache holds 10,000,000 tokens" in caplog.text
+
+
+def test_no_advice_without_a_batch_size_or_a_cache_size(monkeypatch) -> None:
+    state = state_of(load_tiny_fast()[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kv_budget.advise_kv_cache(state.engine, types.SimpleNamespace(generation_batch_size=None),
+                                     state.config) is None
+
+    def moved(llm):
+        raise vllm_compat.VLLMInternalsChanged("cache_config moved")
+
+    monkeypatch.setattr(vllm_compat, "kv_cache_tokens", moved)
+    assert kv_budget.advise_kv_cache(state.engine, types.SimpleNamespace(generation_batch_size=4),
+                                     state.config) is None

@@ -76,9 +76,17 @@ def advise_kv_cache(engine: Any, args: Any, hf_config: Any) -> KVAdvice | None:
     from trainserve.engine import vllm_compat
 
     spec = engine.spec
-    needed = int(args.generation_batch_size) * int(spec.max_model_len)
+    batch = getattr(args, "generation_batch_size", None)
+    if not isinstance(batch, int) or batch < 1:
+        return None
+    try:  # advice only: a vLLM that moved this internal must not stop training (the contract test says so)
+        capacity = vllm_compat.kv_cache_tokens(engine.llm)
+    except vllm_compat.VLLMInternalsChanged:
+        logger.debug("no KV cache advice: vLLM does not report its cache size", exc_info=True)
+        return None
+    needed = batch * int(spec.max_model_len)
     dtype_bytes = 4 if str(spec.dtype) in ("float32", "float", "torch.float32") else 2
-    advice = kv_advice(vllm_compat.kv_cache_tokens(engine.llm), needed,
+    advice = kv_advice(capacity, needed,
                        kv_bytes_per_token(hf_config, spec.kv_cache_dtype, dtype_bytes),
                        float(spec.gpu_memory_utilization), torch.cuda.get_device_properties(0).total_memory)
     if advice is not None:

@@ -59,6 +59,7 @@ def test_the_trainer_advises_only_on_cuda(monkeypatch, caplog) -> None:
     args = types.SimpleNamespace(generation_batch_size=4)
     assert kv_budget.advise_kv_cache(state.engine, args, state.config) is None  # this CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: types.SimpleNamespace(total_memory=140 * GIB))
     monkeypatch.setattr(vllm_compat, "kv_cache_tokens", lambda llm: 10_000_000)

@@ -88,7 +88,8 @@ def advise_kv_cache(engine: Any, args: Any, hf_config: Any) -> KVAdvice | None:
     dtype_bytes = 4 if str(spec.dtype) in ("float32", "float", "torch.float32") else 2
     advice = kv_advice(capacity, needed,
                        kv_bytes_per_token(hf_config, spec.kv_cache_dtype, dtype_bytes),
-                       float(spec.gpu_memory_utilization), torch.cuda.get_device_properties(0).total_memory)
+                       float(spec.gpu_memory_utilization),
+                       torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     if advice is not None:
         logger.warning("GRPOTrainer: %s", advice.message())
     return advice

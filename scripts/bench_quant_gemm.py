@@ -9,6 +9,10 @@ decode tokens M, the median time of ``y = x W^T`` through:
 * ``int4_machete`` — the same 4-bit format through vLLM's Hopper Machete kernel (``vllm_compat.MacheteRunner``);
 * ``nf4_bnb`` — ``bitsandbytes.matmul_4bit`` as vLLM's bitsandbytes method calls it;
 * ``fp8`` — dynamic per-token FP8 activations × per-channel FP8 weights (vLLM's ``cutlass_scaled_mm``);
+* ``int4_gemlite`` — the same kind of 4-bit weights (asymmetric, groups of 64) through gemlite's Triton
+  kernels (``A16Wn``, HQQ convention ``(q - zero) * scale``), to see whether a Triton W4A16 GEMM beats
+  Machete at decode batches of 16-128; gemlite is not in the GPU bundle: put its source folder on
+  ``PYTHONPATH`` (``pip download --no-deps gemlite==0.6.0.post2``, extract ``gemlite/``, carry it);
 * ``w4a8`` — timing only: vLLM's CUTLASS W4A8 kernel (Hopper; symmetric int4 weights in groups of 128 with
   FP8 group scales × per-channel scales, per-token FP8 activations, as ``CutlassW4A8LinearKernel`` runs it),
   on random weights: to see how fast a 4-bit format with FP8 activations could decode;
@@ -30,7 +34,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-ARMS = ("bf16", "int4", "int4_machete", "int8", "nf4_bnb", "fp8", "w4a8")
+ARMS = ("bf16", "int4", "int4_machete", "int4_gemlite", "int8", "nf4_bnb", "fp8", "w4a8")
 
 
 def _layers(shape: str) -> dict[str, tuple[int, int]]:
@@ -58,6 +62,21 @@ def _bench(fn) -> float:
 def _rel(a, b) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
+
+
+def _int4_groups(w, group: int):
+    """Asymmetric round-to-nearest 4-bit quantisation in groups along the input dimension:
+    ``(q uint8 (N, K), scale (N, K/g), zero (N, K/g), dense bf16 (N, K))``, ``w ≈ (q - zero) * scale``."""
+    import torch
+
+    n, k = w.shape
+    wg = w.float().view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    zero = (-lo / scale).round()
+    q = (wg / scale[..., None] + zero[..., None]).round().clamp(0, 15)
+    dense = ((q - zero[..., None]) * scale[..., None]).view(n, k).to(torch.bfloat16)
+    return q.view(n, k).to(torch.uint8), scale, zero, dense
 
 
 def _arms(w, want: set[str]):
@@ -93,6 +112,16 @@ def _arms(w, want: set[str]):
         out["int4_machete"] = ((lambda x, r=runner, t=t: r(x, t.qweight, t.scales, t.zf, 64, None)),
                                (lambda t=t: dequantize_machete(t, 0, t.n, torch.bfloat16)),
                                dequantize_machete(t, 0, t.n, torch.bfloat16).t())
+    if "int4_gemlite" in want:
+        try:
+            from gemlite.helper import A16Wn
+
+            q, scale, zero, dense = _int4_groups(w, 64)
+            layer = A16Wn(device=w.device, dtype=torch.bfloat16).from_weights(
+                q, scale.to(torch.bfloat16), zero.to(torch.bfloat16), W_nbits=4, group_size=64)
+            out["int4_gemlite"] = ((lambda x, m=layer: m(x)), None, dense)
+        except Exception as exc:  # noqa: BLE001 - recorded
+            print(f"int4_gemlite unavailable: {exc}", flush=True)
     if "nf4_bnb" in want:
         try:
             import bitsandbytes as bnb

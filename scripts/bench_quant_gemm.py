@@ -64,7 +64,7 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _int4_groups(w, group: int):
+def int4_groups(w, group: int):
     """Asymmetric round-to-nearest 4-bit quantisation in groups along the input dimension:
     ``(q uint8 (N, K), scale (N, K/g), zero (N, K/g), dense bf16 (N, K))``, ``w ≈ (q - zero) * scale``."""
     import torch
@@ -116,7 +116,7 @@ def _arms(w, want: set[str]):
         try:
             from gemlite.helper import A16Wn
 
-            q, scale, zero, dense = _int4_groups(w, 64)
+            q, scale, zero, dense = int4_groups(w, 64)
             layer = A16Wn(device=w.device, dtype=torch.bfloat16).from_weights(
                 q, scale.to(torch.bfloat16), zero.to(torch.bfloat16), W_nbits=4, group_size=64)
             out["int4_gemlite"] = ((lambda x, m=layer: m(x)), None, dense)

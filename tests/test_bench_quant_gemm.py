@@ -1,0 +1,22 @@
+"""The 4-bit groups scripts/bench_quant_gemm.py hands to gemlite: codes 0-15, and the dense weight
+it compares against is exactly (q - zero) * scale, within round-to-nearest error of the input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_quant_gemm  # noqa: E402
+
+
+def test_int4_groups_round_trip() -> None:
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    q, scale, zero, dense = bench_quant_gemm.int4_groups(w, 64)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == zero.shape == (48, 4)
+    rebuilt = ((q.float().view(48, 4, 64) - zero[..., None]) * scale[..., None]).view(48, 256)
+    assert torch.allclose(dense.float(), rebuilt, rtol=1e-2, atol=1e-3)  # dense is that, in bf16
+    step = scale.repeat_interleave(64, dim=1)
+    assert ((rebuilt - w).abs() <= 0.5 * step + 1e-6).all()  # nearest level of each group

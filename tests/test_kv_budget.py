@@ -81,3 +81,20 @@ def test_no_advice_without_a_batch_size_or_a_cache_size(monkeypatch) -> None:
     monkeypatch.setattr(vllm_compat, "kv_cache_tokens", moved)
     assert kv_budget.advise_kv_cache(state.engine, types.SimpleNamespace(generation_batch_size=4),
                                      state.config) is None
+
+
+def test_the_grpo_trainer_asks_for_the_advice(tmp_path, monkeypatch) -> None:
+    """The trainer wires the advice in: it asks once, with its engine and its resolved args."""
+    from trainserve import FastLanguageModel
+    from trainserve.rl import GRPOTrainer, toy_config, toy_dataset, toy_reward_funcs
+    from trainserve.rl import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "advise_kv_cache", lambda *a: calls.append(a))
+    model, tok = load_tiny_fast()
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=1)
+    trainer = GRPOTrainer(model=model, reward_funcs=toy_reward_funcs(), train_dataset=toy_dataset(8),
+                          args=toy_config(str(tmp_path), steps=1, per_device_train_batch_size=8, num_generations=8),
+                          processing_class=tok)
+    state = state_of(model)
+    assert calls == [(state.engine, trainer.args, state.config)]

@@ -59,6 +59,27 @@ def nest(entries: list[tuple[int, int, int, int, int, dict[str, Any]]]) -> dict[
     return out
 
 
+#: batch sizes that get vLLM's own default entry in the written files: vLLM takes the *nearest*
+#: tuned batch for an untuned one, so without them a batch of 1 would run batch 64's tiles
+PAD_BATCHES = (1, 2, 4, 8, 16, 32, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def with_vllm_defaults(entries: list[tuple[int, int, int, int, int, dict[str, Any]]], op: str, utils: Any,
+                       rank: int) -> list[tuple[int, int, int, int, int, dict[str, Any]]]:
+    """``entries`` plus vLLM's default config at every :data:`PAD_BATCHES` size that was not tuned
+    (call with vLLM pointed at no folder, so the lookups return its defaults)."""
+    tuned = {(loras, slices, m, k, n) for loras, slices, m, k, n, _ in entries}
+    out = list(entries)
+    for loras, slices, _, k, n, _ in entries:
+        hidden = k if op == "shrink" else n
+        for m in PAD_BATCHES:
+            if (loras, slices, m, k, n) not in tuned:
+                tuned.add((loras, slices, m, k, n))
+                cfg = utils.get_lora_op_configs(op, loras, m, hidden, rank, slices, True if op == "expand" else None)
+                out.append((loras, slices, m, k, n, dict(cfg)))
+    return sorted(out, key=lambda e: e[:5])
+
+
 def gpu_file_name(device_name: str, op: str) -> str:
     """vLLM's file name for ``op`` (``SHRINK`` or ``EXPAND_TRUE``) on this GPU."""
     return f"{device_name.replace(' ', '_').replace('-', '_')}_{op}.json"
@@ -169,9 +190,11 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"m={m} {proj:8s} {op:6s} default {default_us:7.2f} us  tuned {found[0]:7.2f} us", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    bench.use(None, None)
     for op, entries in best.items():
         if entries:
-            (out / files[op]).write_text(json.dumps(nest(entries), indent=1))
+            padded = with_vllm_defaults(entries, op, utils, args.rank)
+            (out / files[op]).write_text(json.dumps(nest(padded), indent=1))
     layers = shape["num_hidden_layers"]
     per_step = {str(m): {"default_ms": round(sum(r["default_us"] for r in rows if r["m"] == m) * layers / 1000, 3),
                          "tuned_ms": round(sum(r["tuned_us"] for r in rows if r["m"] == m) * layers / 1000, 3)}

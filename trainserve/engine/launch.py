@@ -49,6 +49,8 @@ class EngineSpec:
     # RoPE parameters (JSON of a transformers-5 ``rope_parameters`` dict) given to vLLM as an
     # ``hf_overrides`` entry: the trainer's config gets the very same dict.
     rope_parameters: str | None = None
+    # Folder of tuned LoRA kernel configurations for vLLM (``lora_kernel_configs.tuned_folder``)
+    lora_kernel_configs: str | None = None
     # A secret: kept out of repr, of comparisons (it does not change what is loaded) and of errors.
     token: str | None = field(default=None, repr=False, compare=False)
 
@@ -179,6 +181,9 @@ def start_engine(spec: EngineSpec) -> Engine:
     if spec.specialize_active_lora:
         kwargs["specialize_active_lora"] = True
     from trainserve.distributed import engine_kwargs, keep_launcher_env
+    from trainserve.engine import lora_kernel_configs
+
+    lora_kernel_configs.apply(spec.lora_kernel_configs)
 
     kwargs.update(engine_kwargs())  # under torchrun: join the launcher's world, vLLM's external launcher
     t0 = time.perf_counter()

@@ -1,0 +1,75 @@
+"""Tuned LoRA kernel configurations (issue 11): set only where they were measured, and vLLM reads them
+as intended — tuned entries at decode batch 64, vLLM's own defaults at every other batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainserve.engine import lora_kernel_configs as lkc
+
+_PROBE = r"""
+import json
+import torch
+torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
+from vllm.lora.ops.triton_ops import utils as u
+out = {}
+for op, add in (("shrink", None), ("expand", True)):
+    for slices, width in ((1, 3584), (2, 18944), (3, 3584)):
+        hidden = width if op == "expand" else 3584
+        for m in (1, 8, 32, 64, 70, 256, 4096):
+            out[f"{op}/{slices}/{m}"] = u.get_lora_op_configs(op, 4, m, hidden, 16, slices, add)
+print("CFG " + json.dumps(out))
+"""
+
+
+def test_folder_only_for_the_tuned_gpu_width_and_rank(monkeypatch) -> None:
+    monkeypatch.delenv("TRAINSERVE_LORA_KERNEL_CONFIGS", raising=False)
+    assert lkc.tuned_folder("NVIDIA H200", 3584, 16) == str(lkc.FOLDER)
+    assert lkc.tuned_folder("NVIDIA H100 80GB HBM3", 3584, 16) is None
+    assert lkc.tuned_folder("NVIDIA H200", 1536, 16) is None  # 1.5B: not tuned
+    assert lkc.tuned_folder("NVIDIA H200", 3584, 32) is None
+    assert lkc.tuned_folder(None, 3584, 16) is None  # CPU
+    monkeypatch.setenv("TRAINSERVE_LORA_KERNEL_CONFIGS", "0")
+    assert lkc.tuned_folder("NVIDIA H200", 3584, 16) is None
+    for gpu in lkc.TUNED:  # every tuned GPU ships both files vLLM looks for
+        assert (lkc.FOLDER / f"{gpu}_SHRINK.json").is_file() and (lkc.FOLDER / f"{gpu}_EXPAND_TRUE.json").is_file()
+
+
+def test_apply_keeps_a_folder_the_user_chose(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv(lkc.ENV, str(tmp_path))
+    assert lkc.apply(str(lkc.FOLDER)) == str(tmp_path)
+    assert os.environ[lkc.ENV] == str(tmp_path)
+    monkeypatch.delenv(lkc.ENV)
+    assert lkc.apply(None) is None and lkc.ENV not in os.environ
+    assert lkc.apply(str(lkc.FOLDER)) == str(lkc.FOLDER) and os.environ[lkc.ENV] == str(lkc.FOLDER)
+
+
+def _configs(folder: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != lkc.ENV}
+    if folder is not None:
+        env[lkc.ENV] = folder
+    proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("CFG ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return json.loads(line[4:])
+
+
+def test_vllm_reads_tuned_entries_at_batch_64_and_its_defaults_elsewhere() -> None:
+    pytest.importorskip("vllm.lora.ops.triton_ops.utils")
+    default, shipped = _configs(None), _configs(str(lkc.FOLDER))
+    files = {op: json.loads((lkc.FOLDER / f"NVIDIA_H200_{name}.json").read_text())
+             for op, name in (("shrink", "SHRINK"), ("expand", "EXPAND_TRUE"))}
+    for key, cfg in shipped.items():
+        op, slices, m = key.split("/")
+        if m in ("64", "70"):  # 70 is nearest to 64
+            by_k = files[op]["4"][slices]["64"]
+            (tuned,) = [n for by_n in by_k.values() for n in by_n.values()]
+            assert cfg == tuned, key
+            assert cfg != default[key], key  # the tuning changed something
+        else:
+            assert cfg == default[key], key

@@ -9,6 +9,8 @@ decode tokens M, the median time of ``y = x W^T`` through:
 * ``int4_machete`` — the same 4-bit format through vLLM's Hopper Machete kernel (``vllm_compat.MacheteRunner``);
 * ``nf4_bnb`` — ``bitsandbytes.matmul_4bit`` as vLLM's bitsandbytes method calls it;
 * ``fp8`` — dynamic per-token FP8 activations × per-channel FP8 weights (vLLM's ``cutlass_scaled_mm``);
+* ``int4_triton`` — the same 4-bit weights, unshuffled (GPTQ order), through trainserve's own Triton
+  GEMM (``kernels/w4a16_gemm.py``);
 * ``int4_gemlite`` — the same kind of 4-bit weights (asymmetric, groups of 64) through gemlite's Triton
   kernels (``A16Wn``, HQQ convention ``(q - zero) * scale``), to see whether a Triton W4A16 GEMM beats
   Machete at decode batches of 16-128; gemlite is not in the GPU bundle: put its source folder on
@@ -34,7 +36,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-ARMS = ("bf16", "int4", "int4_machete", "int4_gemlite", "int8", "nf4_bnb", "fp8", "w4a8")
+ARMS = ("bf16", "int4", "int4_machete", "int4_triton", "int4_gemlite", "int8", "nf4_bnb", "fp8", "w4a8")
 
 
 def _layers(shape: str) -> dict[str, tuple[int, int]]:
@@ -85,8 +87,6 @@ def _arms(w, want: set[str]):
     from trainserve.kernels.marlin_dequant import dequantize_marlin
     from trainserve.kernels.marlin_layout import IntFormat, quantize_to_marlin
 
-    from trainserve.engine.vllm_compat import MarlinRunner
-
     n, k = w.shape
     out = {}
     if "bf16" in want:
@@ -94,6 +94,8 @@ def _arms(w, want: set[str]):
     for name, fmt in (("int4", IntFormat(4, 64, True)), ("int8", IntFormat(8, 128, False))):
         if name not in want:
             continue
+        from trainserve.engine.vllm_compat import MarlinRunner
+
         t = quantize_to_marlin(w, fmt, torch.bfloat16)
         zeros = t.zeros if t.zeros is not None else torch.empty(0, dtype=torch.int32, device=w.device)
         runner = MarlinRunner(SimpleNamespace(qweight=t.qweight, trainserve_shape=(n, k)), fmt)
@@ -112,9 +114,22 @@ def _arms(w, want: set[str]):
         out["int4_machete"] = ((lambda x, r=runner, t=t: r(x, t.qweight, t.scales, t.zf, 64, None)),
                                (lambda t=t: dequantize_machete(t, 0, t.n, torch.bfloat16)),
                                dequantize_machete(t, 0, t.n, torch.bfloat16).t())
+    if "int4_triton" in want:
+        from trainserve.kernels.machete_layout import quantize_for_machete
+        from trainserve.kernels.w4_dequant import W4Tensors, dequantize_w4
+        from trainserve.kernels.w4a16_gemm import w4a16_matmul
+
+        t4 = W4Tensors(*quantize_for_machete(w, 64, torch.bfloat16), 64)
+        out["int4_triton"] = ((lambda x, t=t4: w4a16_matmul(x, t.qweight, t.scales, t.zf, 64)),
+                              (lambda t=t4: dequantize_w4(t, torch.bfloat16)),
+                              dequantize_w4(t4, torch.bfloat16).t())
     if "int4_gemlite" in want:
         try:
+            import gemlite
             from gemlite.helper import A16Wn
+
+            if "h200" in torch.cuda.get_device_name().lower():  # gemlite ships H100 configs, none for H200
+                gemlite.load_config(os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json"))
 
             q, scale, zero, dense = int4_groups(w, 64)
             layer = A16Wn(device=w.device, dtype=torch.bfloat16).from_weights(
@@ -194,7 +209,7 @@ def main() -> int:
         xe = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
         ref = xe.float() @ w.float().t()
         for name, (_, deq, dense) in arms.items():
-            if name != "bf16" and dense is not None:
+            if name != "bf16" and dense is not None and deq is not None:
                 errors.setdefault(name, {})[lname] = {
                     "weight_rel_err": round(_rel(dense, w), 5),
                     "output_rel_err": round(_rel(arms[name][0](xe), ref), 5)}

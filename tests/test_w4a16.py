@@ -1,0 +1,90 @@
+"""The 4-bit Triton GEMM and dequantiser (``kernels/w4a16_gemm.py``, ``kernels/w4_dequant.py``) on the CPU:
+the GPTQ word order round-trips, the launch heuristic only gives valid tilings, bad shapes raise,
+and (under ``TRITON_INTERPRET=1``) the Triton code itself equals the torch references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from trainserve.kernels.machete_layout import pack_rows_gptq, quantize_for_machete
+from trainserve.kernels.w4a16_gemm import (
+    check_w4a16_shape,
+    dequantize_w4_reference,
+    pick_config,
+    unpack_gptq_words,
+    w4a16_matmul,
+)
+
+
+def test_gptq_words_round_trip_and_dequantise_to_the_quantised_weight() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (128, 192), dtype=torch.int32, generator=g)
+    assert torch.equal(unpack_gptq_words(pack_rows_gptq(q)), q)
+    w = torch.randn(192, 256, generator=g) * 0.02  # (N, K)
+    words, s, zf = quantize_for_machete(w, 64, torch.float32)
+    dense = dequantize_w4_reference(words, s, zf, 64, torch.float32)  # (K, N)
+    err = float((dense.t() - w).norm() / w.norm())
+    assert 0 < err < 0.12  # 4-bit groups of 64: ~9% on Gaussian weights
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 33, 64, 100, 300])
+def test_launch_heuristic_tiles_every_real_layer(m: int) -> None:
+    layers = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (2048, 1536), (1152, 896)]  # (N, K)
+    for n, k in layers:
+        for sms in (4, 132):
+            cfg = pick_config(m, n, k, 64, sms)
+            assert 64 % cfg.block_k == 0 and k % cfg.block_k == 0 and n % cfg.block_n == 0, (m, n, k, cfg)
+            assert cfg.block_m >= 16 and 1 <= cfg.split_k <= 8 and k // cfg.block_k >= cfg.split_k, (m, n, k, cfg)
+
+
+def test_bad_shapes_raise() -> None:
+    words, s, zf = quantize_for_machete(torch.randn(128, 256), 64, torch.float32)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        w4a16_matmul(torch.randn(3, 192), words, s, zf, 64)
+    with pytest.raises(ValueError, match="out_features % 64"):
+        check_w4a16_shape(256, 100, 64)
+    with pytest.raises(ValueError, match="whole groups"):
+        check_w4a16_shape(200, 128, 64)
+
+
+_INTERPRET = r"""
+import torch
+from trainserve.kernels.machete_layout import quantize_for_machete
+from trainserve.kernels.w4_dequant import W4Tensors, dequantize_w4
+from trainserve.kernels.w4a16_gemm import GemmConfig, dequantize_w4_reference, w4a16_linear_reference, w4a16_matmul
+
+torch.manual_seed(0)
+for n, k, m in ((192, 256, 5), (128, 128, 17), (256, 192, 40)):
+    words, s, zf = quantize_for_machete(torch.randn(n, k) * 0.02, 64, torch.float32)
+    x, b = torch.randn(m, k), torch.randn(n)
+    want = w4a16_linear_reference(x, words, s, zf, 64, b)
+    for cfg in (GemmConfig(64, 16, 64, 1, 4, 2, swap=True), GemmConfig(64, 32, 32, 3, 4, 2),
+                GemmConfig(64, 16, 64, 2, 4, 2), GemmConfig(128, 64, 32, 2, 4, 2, swap=True)):
+        if n % cfg.block_n:
+            continue
+        got = w4a16_matmul(x, words, s, zf, 64, b, config=cfg)
+        err = float((got - want).norm() / want.norm())
+        assert err < 1e-5, (n, k, m, cfg, err)
+    got = w4a16_matmul(x, words, s, zf, 64, b)  # the heuristic's choice
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    t = W4Tensors(words, s, zf, 64)
+    v = t.columns(64, n)  # a column range: strided views, no copy
+    assert torch.allclose(dequantize_w4(v, torch.float32),
+                          dequantize_w4_reference(v.qweight, v.scales, v.zf, 64, torch.float32), atol=1e-6)
+    got = w4a16_matmul(x, v.qweight, v.scales, v.zf, 64, config=GemmConfig(64, 16, 64, 1, 4, 2))
+    want = w4a16_linear_reference(x, v.qweight, v.scales, v.zf, 64)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+print("W4A16-INTERPRETER-OK")
+"""
+
+
+def test_triton_kernels_under_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("TRAINSERVE_DISABLE_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=600)
+    assert "W4A16-INTERPRETER-OK" in proc.stdout, proc.stderr[-3000:]

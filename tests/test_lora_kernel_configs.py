@@ -13,17 +13,29 @@ import pytest
 from trainserve.engine import lora_kernel_configs as lkc
 
 _PROBE = r"""
-import json
+import json, os, sys
 import torch
 torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
+import vllm.envs as envs
 from vllm.lora.ops.triton_ops import utils as u
-out = {}
-for op, add in (("shrink", None), ("expand", True)):
-    for slices, width in ((1, 3584), (2, 18944), (3, 3584)):
-        hidden = width if op == "expand" else 3584
-        for m in (1, 8, 32, 64, 70, 256, 4096):
-            out[f"{op}/{slices}/{m}"] = u.get_lora_op_configs(op, 4, m, hidden, 16, slices, add)
-print("CFG " + json.dumps(out))
+
+def configs():
+    if hasattr(envs, "disable_envs_cache"):
+        envs.disable_envs_cache()
+    u.load_lora_op_config.cache_clear()
+    u.get_lora_op_configs.cache_clear()
+    out = {}
+    for op, add in (("shrink", None), ("expand", True)):
+        for slices, width in ((1, 3584), (2, 18944), (3, 3584)):
+            hidden = width if op == "expand" else 3584
+            for m in (1, 8, 32, 64, 70, 256, 4096):
+                out[f"{op}/{slices}/{m}"] = u.get_lora_op_configs(op, 4, m, hidden, 16, slices, add)
+    return out
+
+os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+default = configs()
+os.environ["VLLM_TUNED_CONFIG_FOLDER"] = sys.argv[1]
+print("CFG " + json.dumps({"default": default, "shipped": configs()}))
 """
 
 
@@ -49,19 +61,20 @@ def test_apply_keeps_a_folder_the_user_chose(monkeypatch, tmp_path) -> None:
     assert lkc.apply(str(lkc.FOLDER)) == str(lkc.FOLDER) and os.environ[lkc.ENV] == str(lkc.FOLDER)
 
 
-def _configs(folder: str | None) -> dict:
+def _configs() -> tuple[dict, dict]:
+    """vLLM's own lookup, without and then with the shipped folder (one process: importing vLLM is slow)."""
     env = {k: v for k, v in os.environ.items() if k != lkc.ENV}
-    if folder is not None:
-        env[lkc.ENV] = folder
-    proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(lkc.FOLDER)], env=env, capture_output=True, text=True,
+                          timeout=300)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("CFG ")), None)
     assert line is not None, proc.stderr[-3000:]
-    return json.loads(line[4:])
+    both = json.loads(line[4:])
+    return both["default"], both["shipped"]
 
 
 def test_vllm_reads_tuned_entries_at_batch_64_and_its_defaults_elsewhere() -> None:
     pytest.importorskip("vllm.lora.ops.triton_ops.utils")
-    default, shipped = _configs(None), _configs(str(lkc.FOLDER))
+    default, shipped = _configs()
     files = {op: json.loads((lkc.FOLDER / f"NVIDIA_H200_{name}.json").read_text())
              for op, name in (("shrink", "SHRINK"), ("expand", "EXPAND_TRUE"))}
     for key, cfg in shipped.items():

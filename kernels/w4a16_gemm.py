@@ -43,6 +43,22 @@ from trainserve.kernels._triton_utils import HAS_TRITON, device_sm_count, tl, tr
 if HAS_TRITON:
 
     @triton.jit
+    def _dequant_tile(qw_ptrs, SC, ZF, rn, rk, k0, stride_qk, stride_sg, stride_zg, GROUP: tl.constexpr,
+                      N_AXIS: tl.constexpr, DTYPE: tl.constexpr):
+        """One K tile of the weight, dequantised: ``(BLOCK_N, BLOCK_K)`` when the output features run
+        along axis 0 of ``qw_ptrs``, else ``(BLOCK_K, BLOCK_N)``; the tile lies in one group."""
+        s = tl.load(SC + (k0 // GROUP) * stride_sg + rn).to(tl.float32)
+        z = tl.load(ZF + (k0 // GROUP) * stride_zg + rn).to(tl.float32)
+        words = tl.load(qw_ptrs + (k0 // 8) * stride_qk)
+        if N_AXIS == 0:
+            q = ((words >> ((rk % 8) * 4)[None, :]) & 15).to(tl.float32)
+            w = q * s[:, None] + z[:, None]
+        else:
+            q = ((words >> ((rk % 8) * 4)[:, None]) & 15).to(tl.float32)
+            w = q * s[None, :] + z[None, :]
+        return w.to(DTYPE)
+
+    @triton.jit
     def _w4a16_kernel(
         X, QW, SC, ZF, B, OUT, M, N, K, TILES_PER_SPLIT,
         stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
@@ -60,36 +76,26 @@ if HAS_TRITON:
         t0 = pid_s * TILES_PER_SPLIT
         t1 = tl.minimum(t0 + TILES_PER_SPLIT, K // BLOCK_K)
         if SWAP:  # out.T tile (BLOCK_N, BLOCK_M) = W.T tile @ x.T tile
-            shift = ((rk % 8) * 4)[None, :]
             qw_ptrs = QW + rn[:, None] + (rk // 8)[None, :] * stride_qk
             x_ptrs = X + rm[None, :] * stride_xm + rk[:, None]
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for t in range(t0, t1):
-                k0 = t * BLOCK_K
-                words = tl.load(qw_ptrs + (k0 // 8) * stride_qk)
-                q = ((words >> shift) & 15).to(tl.float32)
-                s = tl.load(SC + (k0 // GROUP) * stride_sg + rn).to(tl.float32)
-                z = tl.load(ZF + (k0 // GROUP) * stride_zg + rn).to(tl.float32)
-                w = (q * s[:, None] + z[:, None]).to(X.dtype.element_ty)
-                x = tl.load(x_ptrs + k0, mask=m_ok[None, :], other=0.0)
+                w = _dequant_tile(qw_ptrs, SC, ZF, rn, rk, t * BLOCK_K, stride_qk, stride_sg, stride_zg,
+                                  GROUP, 0, X.dtype.element_ty)
+                x = tl.load(x_ptrs + t * BLOCK_K, mask=m_ok[None, :], other=0.0)
                 acc = tl.dot(w, x, acc)
             if HAS_BIAS:
                 acc += tl.load(B + rn).to(tl.float32)[:, None]
             out_ptrs = OUT + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
             tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[None, :])
         else:  # out tile (BLOCK_M, BLOCK_N) = x tile @ W.T tile
-            shift = ((rk % 8) * 4)[:, None]
             qw_ptrs = QW + rn[None, :] + (rk // 8)[:, None] * stride_qk
             x_ptrs = X + rm[:, None] * stride_xm + rk[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for t in range(t0, t1):
-                k0 = t * BLOCK_K
-                words = tl.load(qw_ptrs + (k0 // 8) * stride_qk)
-                q = ((words >> shift) & 15).to(tl.float32)
-                s = tl.load(SC + (k0 // GROUP) * stride_sg + rn).to(tl.float32)
-                z = tl.load(ZF + (k0 // GROUP) * stride_zg + rn).to(tl.float32)
-                w = (q * s[None, :] + z[None, :]).to(X.dtype.element_ty)
-                x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+                w = _dequant_tile(qw_ptrs, SC, ZF, rn, rk, t * BLOCK_K, stride_qk, stride_sg, stride_zg,
+                                  GROUP, 1, X.dtype.element_ty)
+                x = tl.load(x_ptrs + t * BLOCK_K, mask=m_ok[:, None], other=0.0)
                 acc = tl.dot(x, w, acc)
             if HAS_BIAS:
                 acc += tl.load(B + rn).to(tl.float32)[None, :]

@@ -86,3 +86,34 @@ def test_vllm_reads_tuned_entries_at_batch_64_and_its_defaults_elsewhere() -> No
             assert cfg != default[key], key  # the tuning changed something
         else:
             assert cfg == default[key], key
+
+
+@pytest.mark.parametrize("gpu,hidden,folder", [("NVIDIA H200", 3584, True), ("NVIDIA H200", 1536, False),
+                                               ("NVIDIA A100-SXM4-80GB", 3584, False)])
+def test_loader_asks_for_the_tuned_folder_only_where_it_applies(monkeypatch, gpu, hidden, folder) -> None:
+    """The loader derives the folder from the GPU and the model's width and puts it in the engine spec
+    (which ``start_engine`` applies before vLLM starts)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainserve import loader
+    from trainserve.engine import launch
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def fake_start(spec):
+        seen["spec"] = spec
+        raise Started
+
+    monkeypatch.delenv("TRAINSERVE_LORA_KERNEL_CONFIGS", raising=False)
+    monkeypatch.setattr(launch, "start_engine", fake_start)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: gpu)
+    config = SimpleNamespace(model_type="qwen2", hidden_size=hidden)
+    with pytest.raises(Started):
+        loader._load_colocated("some/model", config, torch.bfloat16, 512, 16, 2, 0.5, 0, False, None)
+    assert seen["spec"].lora_kernel_configs == (str(lkc.FOLDER) if folder else None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from trainserve.kernels._triton_utils import HAS_TRITON, tl, triton, use_triton
-from trainserve.kernels.w4a16_gemm import dequantize_w4_reference
+from trainserve.kernels.w4a16_gemm import check_w4_tensors, dequantize_w4_reference
 
 _BK, _BN = 64, 64
 
@@ -64,18 +64,20 @@ def dequantize_w4(t: W4Tensors, dtype: torch.dtype, out: torch.Tensor | None = N
     """``(K, N)`` dense weight: Triton on CUDA, the torch reference elsewhere; ``out`` may be a column
     slice of a wider buffer (unit column stride)."""
     k, n = t.k, t.n
-    if out is not None and (out.shape != (k, n) or out.stride(1) != 1):
-        raise ValueError(f"out must be ({k}, {n}) with unit column stride, got {tuple(out.shape)}")
+    check_w4_tensors(t.qweight, t.scales, t.zf, t.group_size)
+    if out is not None and (out.shape != (k, n) or out.stride(1) != 1 or out.dtype != dtype):
+        raise ValueError(f"out must be ({k}, {n}) of {dtype} with unit column stride, got {tuple(out.shape)} "
+                         f"of {out.dtype}")
     if not use_triton(t.qweight):
-        w = dequantize_w4_reference(t.qweight, t.scales, t.zf, t.group_size, dtype if out is None else out.dtype)
+        w = dequantize_w4_reference(t.qweight, t.scales, t.zf, t.group_size, dtype)
         return w if out is None else out.copy_(w)
     if out is None:
         out = torch.empty((k, n), dtype=dtype, device=t.qweight.device)
     if t.qweight.stride(1) != 1 or t.scales.stride(1) != 1 or t.zf.stride(1) != 1:
         raise ValueError("4-bit tensors must be contiguous along N")
-    if n % _BN or t.group_size % _BK:
-        raise ValueError(f"4-bit dequantisation needs N % {_BN} == 0 and groups of a multiple of {_BK}, "
-                         f"got N={n}, group {t.group_size}")
+    if t.group_size % _BK:
+        raise ValueError(f"4-bit dequantisation on the GPU needs groups of a multiple of {_BK}, "
+                         f"got {t.group_size}")
     _w4_dequant_kernel[(triton.cdiv(k, _BK), triton.cdiv(n, _BN))](
         out, t.qweight, t.scales, t.zf, k, n, out.stride(0), t.qweight.stride(0), t.scales.stride(0),
         t.zf.stride(0), GROUP=t.group_size, BK=_BK, BN=_BN, num_warps=4)

@@ -63,7 +63,7 @@ if HAS_TRITON:
         X, QW, SC, ZF, B, OUT, M, N, K, TILES_PER_SPLIT,
         stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -83,10 +83,10 @@ if HAS_TRITON:
                 w = _dequant_tile(qw_ptrs, SC, ZF, rn, rk, t * BLOCK_K, stride_qk, stride_sg, stride_zg,
                                   GROUP, 0, X.dtype.element_ty)
                 x = tl.load(x_ptrs + t * BLOCK_K, mask=m_ok[None, :], other=0.0)
-                acc = tl.dot(w, x, acc)
+                acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
             if HAS_BIAS:
                 acc += tl.load(B + rn).to(tl.float32)[:, None]
-            out_ptrs = OUT + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
+            out_ptrs = OUT + pid_s.to(tl.int64) * stride_os + rm[None, :] * stride_om + rn[:, None]
             tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[None, :])
         else:  # out tile (BLOCK_M, BLOCK_N) = x tile @ W.T tile
             qw_ptrs = QW + rn[None, :] + (rk // 8)[:, None] * stride_qk
@@ -96,10 +96,10 @@ if HAS_TRITON:
                 w = _dequant_tile(qw_ptrs, SC, ZF, rn, rk, t * BLOCK_K, stride_qk, stride_sg, stride_zg,
                                   GROUP, 1, X.dtype.element_ty)
                 x = tl.load(x_ptrs + t * BLOCK_K, mask=m_ok[:, None], other=0.0)
-                acc = tl.dot(x, w, acc)
+                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
             if HAS_BIAS:
                 acc += tl.load(B + rn).to(tl.float32)[None, :]
-            out_ptrs = OUT + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :]
+            out_ptrs = OUT + pid_s.to(tl.int64) * stride_os + rm[:, None] * stride_om + rn[None, :]
             tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None])
 
     @triton.jit
@@ -109,7 +109,7 @@ if HAS_TRITON:
         ok = offs < MN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in tl.static_range(SPLITS):
-            acc += tl.load(P + s * MN + offs, mask=ok, other=0.0)
+            acc += tl.load(P + s * MN.to(tl.int64) + offs, mask=ok, other=0.0)
         if HAS_BIAS:
             acc += tl.load(B + offs % N, mask=ok, other=0.0).to(tl.float32)
         tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
@@ -158,6 +158,20 @@ def check_w4a16_shape(k: int, n: int, group_size: int, what: str = "weight") -> 
         raise ValueError(f"{what}: the 4-bit GEMM needs out_features % 64 == 0, got {n}")
 
 
+def check_w4_tensors(qweight: torch.Tensor, scales: torch.Tensor, zf: torch.Tensor, group_size: int,
+                     k: int | None = None) -> None:
+    """Raise unless ``qweight``/``scales``/``zf`` form one 4-bit layer of ``k`` inputs (``k`` defaults
+    to what ``qweight`` holds) that the kernels can tile."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"4-bit weights: qweight must be 2-D int32 words, got {qweight.dtype} {tuple(qweight.shape)}")
+    k_words, n = qweight.shape[0] * 8, qweight.shape[1]
+    k = k_words if k is None else k
+    check_w4a16_shape(k, n, group_size)
+    if k_words != k or scales.shape != (k // group_size, n) or zf.shape != scales.shape:
+        raise ValueError(f"4-bit weights: {k} inputs, qweight {tuple(qweight.shape)}, scales {tuple(scales.shape)}, "
+                         f"zf {tuple(zf.shape)}, group {group_size}: shapes disagree")
+
+
 def unpack_gptq_words(qweight: torch.Tensor) -> torch.Tensor:
     """``(K // 8, N)`` int32 words → ``(K, N)`` int32 values 0..15 (torch)."""
     shifts = (torch.arange(8, device=qweight.device, dtype=torch.int32) * 4)[None, :, None]
@@ -192,9 +206,9 @@ def w4a16_matmul(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     """
     m, k = x2.shape
     n = qweight.shape[1]
-    if qweight.shape[0] * 8 != k or scales.shape != (k // group_size, n) or zf.shape != scales.shape:
-        raise ValueError(f"4-bit GEMM: x is {tuple(x2.shape)}, qweight {tuple(qweight.shape)}, scales "
-                         f"{tuple(scales.shape)}, zf {tuple(zf.shape)}, group {group_size}: shapes disagree")
+    check_w4_tensors(qweight, scales, zf, group_size, k)
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"4-bit GEMM: bias has shape {tuple(bias.shape)}, the layer {n} outputs")
     if not use_triton(x2, qweight):
         return w4a16_linear_reference(x2, qweight, scales, zf, group_size, bias)
     if x2.stride(1) != 1:
@@ -216,7 +230,7 @@ def w4a16_matmul(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         x2, qweight, scales, zf, bias if has_bias else out, dest, m, n, k, per_split,
         x2.stride(0), qweight.stride(0), scales.stride(0), zf.stride(0), m * n, n,
         GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, HAS_BIAS=has_bias,
-        SWAP=cfg.swap,
+        SWAP=cfg.swap, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

@@ -241,6 +241,12 @@ def build(arm: str, s: dict[str, Any], cuda: bool, dataset: Any, info: dict[str,
     return trainer
 
 
+def _lora_kernel_configs() -> dict[str, str] | None:
+    from trainserve.engine.lora_kernel_configs import describe
+
+    return describe()
+
+
 def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
     """Run ``arm`` and write its result JSON (after every step, and at the end)."""
     res: dict[str, Any] = {"arm": arm, "ok": False, "partial": True, "steps": [], "versions": versions(),
@@ -284,6 +290,7 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
         write()
         trainer = build(arm, s, cuda, dataset, res)
         res["global_batch"] = launch.check_batch(trainer.args, s, world)  # completions per step, all ranks
+        res["vllm_lora_kernel_configs"] = _lora_kernel_configs()  # which tiles vLLM's LoRA kernels ran
         res["startup_s"] = round(time.time() - t0, 2)
         write()
         log(arm, f"trainer constructed: start-up {res['startup_s']} s (model load {res.get('model_load_s')} s)")

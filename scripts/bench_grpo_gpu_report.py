@@ -161,7 +161,7 @@ SUMMARY_KEYS = ("ok", "steps_per_min_median", "steps_per_min", "rollout_tokens_p
                 "peak_mem_run_gib", "peak_mem_startup_gib", "mem_baseline_gib", "torch_max_allocated_gib_measured",
                 "startup_s", "model_load_s", "completion_length_mean", "reward_first", "reward_last",
                 "gradient_checkpointing_mode", "measured_steps", "finished_at", "error", "nproc", "world_size",
-                "global_batch", "peak_mem_measured_gib_per_gpu")
+                "global_batch", "peak_mem_measured_gib_per_gpu", "vllm_lora_kernel_configs")
 
 
 def summary_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

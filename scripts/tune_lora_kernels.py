@@ -60,8 +60,10 @@ def nest(entries: list[tuple[int, int, int, int, int, dict[str, Any]]]) -> dict[
 
 
 #: batch sizes that get vLLM's own default entry in the written files: vLLM takes the *nearest*
-#: tuned batch for an untuned one, so without them a batch of 1 would run batch 64's tiles
-PAD_BATCHES = (1, 2, 4, 8, 16, 32, 128, 256, 512, 1024, 2048, 4096, 8192)
+#: entry for an untuned batch, so without them a batch of 1 would run batch 64's tiles. 127 and 128
+#: sit on both sides of the shrink default's own switch at 128; 48 and 96 keep a batch-64 entry to
+#: batches 57-80.
+PAD_BATCHES = (1, 2, 4, 8, 16, 32, 48, 96, 127, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def with_vllm_defaults(entries: list[tuple[int, int, int, int, int, dict[str, Any]]], op: str, utils: Any,
@@ -182,11 +184,16 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     if us < found[0]:
                         found = (us, cfg)
-                if found[1] is not None:
-                    best[op].append((kernel_loras, len(slices), m, k, n, found[1]))
+                default_won = found[1] is None
+                if default_won:  # the default won: write it, or vLLM would give this layer the
+                    bench.use(None, None)  # nearest tuned layer's tiles
+                    hidden = k_in if op == "shrink" else max(slices)
+                    found = (found[0], dict(utils.get_lora_op_configs(op, kernel_loras, m, hidden, args.rank,
+                                                                      len(slices), True if op == "expand" else None)))
+                best[op].append((kernel_loras, len(slices), m, k, n, found[1]))
                 rows.append({"m": m, "projection": proj, "op": op, "k": k, "n": n, "slices": slices,
                              "default_us": round(default_us, 2), "tuned_us": round(found[0], 2),
-                             "config": found[1]})
+                             "config": found[1], "default_won": default_won})
                 print(f"m={m} {proj:8s} {op:6s} default {default_us:7.2f} us  tuned {found[0]:7.2f} us", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,11 @@ def graph_time_us(calls, reps: int = 5) -> float:
     return start.elapsed_time(end) * 1e3 / (reps * len(calls))
 
 
+def _finite(us: float | None) -> float | None:
+    """Microseconds rounded for the report; None for a configuration that failed (JSON has no inf)."""
+    return None if us is None or us == float("inf") else round(us, 2)
+
+
 def copies_for(nbytes: int) -> int:
     return max(1, -(-L2_FLUSH_BYTES // nbytes))
 
@@ -125,13 +130,15 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001 - an unusable configuration is skipped and counted
                     results.append((float("inf"), cfg))
                     print(f"{lname} m={m} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            if not results:  # the budget ran out before this (layer, M): report what was swept
+                break
             timed = {c: us for us, c in results}
             best_us, best = min(results, key=lambda r: r[0])
             if picked not in timed and not truncated:
                 timed[picked] = time_w4(x, q_copies, picked)
             row = {"layer": lname, "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2),
-                   "best_us": round(best_us, 2), "best": best.__dict__,
-                   "picked_us": round(timed.get(picked, float("nan")), 2), "picked": picked.__dict__,
+                   "best_us": _finite(best_us), "best": best.__dict__,
+                   "picked_us": _finite(timed.get(picked)), "picked": picked.__dict__,
                    "configs_timed": len(results)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -148,8 +155,12 @@ def main() -> int:
         del q_copies, w_copies, w, words
         torch.cuda.empty_cache()
     n_layers = s["num_hidden_layers"]
-    per_step = {m: {key: round(sum(r[key] for r in rows if r["m"] == m) * n_layers / 1e3, 3)
-                    for key in ("bf16_us", "best_us", "picked_us")} for m in ms}
+    per_step = {}  # ms per decode step, all layers; only for batches every layer was timed at
+    for m in ms:
+        got = [r for r in rows if r["m"] == m]
+        if len(got) == len(layers) and all(r[key] is not None for r in got for key in ("best_us", "picked_us")):
+            per_step[m] = {key.replace("_us", "_ms"): round(sum(r[key] for r in got) * n_layers / 1e3, 3)
+                           for key in ("bf16_us", "best_us", "picked_us")}
     dev = torch.cuda.get_device_name()
     report = {"date": datetime.date.today().isoformat(), "device": dev, "shape": a.shape,
               "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "torch": torch.__version__,
@@ -161,10 +172,9 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print("\nper decode step, all layers, ms (bf16 / best / picked):")
-    for m in ms:
-        d = per_step[m]
-        print(f"M={m}: {d['bf16_us']:.3f} / {d['best_us']:.3f} ({d['bf16_us'] / d['best_us']:.2f}x) / "
-              f"{d['picked_us']:.3f} ({d['bf16_us'] / d['picked_us']:.2f}x)")
+    for m, d in per_step.items():
+        print(f"M={m}: {d['bf16_ms']:.3f} / {d['best_ms']:.3f} ({d['bf16_ms'] / d['best_ms']:.2f}x) / "
+              f"{d['picked_ms']:.3f} ({d['bf16_ms'] / d['picked_ms']:.2f}x)")
     print("wrote", path)
     return 0
 

@@ -16,19 +16,16 @@ _PROBE = r"""
 import json, os, sys
 import torch
 torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
-import vllm.envs as envs
 from vllm.lora.ops.triton_ops import utils as u
+from trainserve.engine.vllm_compat import forget_lora_kernel_configs
 
 def configs():
-    if hasattr(envs, "disable_envs_cache"):
-        envs.disable_envs_cache()
-    u.load_lora_op_config.cache_clear()
-    u.get_lora_op_configs.cache_clear()
+    forget_lora_kernel_configs()  # what start_engine does through lora_kernel_configs.apply
     out = {}
     for op, add in (("shrink", None), ("expand", True)):
         for slices, width in ((1, 3584), (2, 18944), (3, 3584)):
             hidden = width if op == "expand" else 3584
-            for m in (1, 8, 32, 64, 70, 256, 4096):
+            for m in (1, 8, 32, 50, 64, 70, 100, 127, 256, 4096):
                 out[f"{op}/{slices}/{m}"] = u.get_lora_op_configs(op, 4, m, hidden, 16, slices, add)
     return out
 
@@ -39,26 +36,51 @@ print("CFG " + json.dumps({"default": default, "shipped": configs()}))
 """
 
 
-def test_folder_only_for_the_tuned_gpu_width_and_rank(monkeypatch) -> None:
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No folder in the environment, none set by trainserve, and vLLM's caches left alone."""
+    monkeypatch.setenv(lkc.ENV, "")  # records the original, so what apply() writes is undone afterwards
+    monkeypatch.delenv(lkc.ENV)
     monkeypatch.delenv("TRAINSERVE_LORA_KERNEL_CONFIGS", raising=False)
+    monkeypatch.setattr(lkc, "_SET_BY_US", None)
+    forgets = []
+    from trainserve.engine import vllm_compat
+
+    monkeypatch.setattr(vllm_compat, "forget_lora_kernel_configs", lambda: forgets.append(1))
+    return forgets
+
+
+def test_folder_only_for_the_tuned_gpu_width_and_rank(clean_env, monkeypatch, tmp_path) -> None:
     assert lkc.tuned_folder("NVIDIA H200", 3584, 16) == str(lkc.FOLDER)
     assert lkc.tuned_folder("NVIDIA H100 80GB HBM3", 3584, 16) is None
     assert lkc.tuned_folder("NVIDIA H200", 1536, 16) is None  # 1.5B: not tuned
     assert lkc.tuned_folder("NVIDIA H200", 3584, 32) is None
     assert lkc.tuned_folder(None, 3584, 16) is None  # CPU
+    monkeypatch.setenv(lkc.ENV, str(tmp_path))  # the user's folder: trainserve chooses none
+    assert lkc.tuned_folder("NVIDIA H200", 3584, 16) is None
+    monkeypatch.delenv(lkc.ENV)
     monkeypatch.setenv("TRAINSERVE_LORA_KERNEL_CONFIGS", "0")
     assert lkc.tuned_folder("NVIDIA H200", 3584, 16) is None
     for gpu in lkc.TUNED:  # every tuned GPU ships both files vLLM looks for
         assert (lkc.FOLDER / f"{gpu}_SHRINK.json").is_file() and (lkc.FOLDER / f"{gpu}_EXPAND_TRUE.json").is_file()
 
 
-def test_apply_keeps_a_folder_the_user_chose(monkeypatch, tmp_path) -> None:
+def test_apply_and_restore_never_leave_trainserves_folder_behind(clean_env, monkeypatch, tmp_path) -> None:
+    folder = str(lkc.FOLDER)
+    assert lkc.apply(folder) == folder and os.environ[lkc.ENV] == folder
+    assert lkc.apply(None) is None and lkc.ENV not in os.environ  # a second engine, not tuned: defaults
+    assert lkc.apply(folder) == folder
+    lkc.restore()  # the engine stopped
+    assert lkc.ENV not in os.environ
+    assert len(clean_env) == 3  # vLLM was told to read the folder again before every engine
+
+
+def test_a_folder_the_user_set_wins_and_stays(clean_env, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv(lkc.ENV, str(tmp_path))
     assert lkc.apply(str(lkc.FOLDER)) == str(tmp_path)
+    assert lkc.apply(None) == str(tmp_path)
+    lkc.restore()
     assert os.environ[lkc.ENV] == str(tmp_path)
-    monkeypatch.delenv(lkc.ENV)
-    assert lkc.apply(None) is None and lkc.ENV not in os.environ
-    assert lkc.apply(str(lkc.FOLDER)) == str(lkc.FOLDER) and os.environ[lkc.ENV] == str(lkc.FOLDER)
 
 
 def _configs() -> tuple[dict, dict]:
@@ -79,7 +101,7 @@ def test_vllm_reads_tuned_entries_at_batch_64_and_its_defaults_elsewhere() -> No
              for op, name in (("shrink", "SHRINK"), ("expand", "EXPAND_TRUE"))}
     for key, cfg in shipped.items():
         op, slices, m = key.split("/")
-        if m in ("64", "70"):  # 70 is nearest to 64
+        if m in ("64", "70"):  # 57-80 are nearest to 64
             by_k = files[op]["4"][slices]["64"]
             (tuned,) = [n for by_n in by_k.values() for n in by_n.values()]
             assert cfg == tuned, key
@@ -90,7 +112,8 @@ def test_vllm_reads_tuned_entries_at_batch_64_and_its_defaults_elsewhere() -> No
 
 @pytest.mark.parametrize("gpu,hidden,folder", [("NVIDIA H200", 3584, True), ("NVIDIA H200", 1536, False),
                                                ("NVIDIA A100-SXM4-80GB", 3584, False)])
-def test_loader_asks_for_the_tuned_folder_only_where_it_applies(monkeypatch, gpu, hidden, folder) -> None:
+def test_loader_asks_for_the_tuned_folder_only_where_it_applies(clean_env, monkeypatch, gpu, hidden,
+                                                                folder) -> None:
     """The loader derives the folder from the GPU and the model's width and puts it in the engine spec
     (which ``start_engine`` applies before vLLM starts)."""
     from types import SimpleNamespace
@@ -109,11 +132,37 @@ def test_loader_asks_for_the_tuned_folder_only_where_it_applies(monkeypatch, gpu
         seen["spec"] = spec
         raise Started
 
-    monkeypatch.delenv("TRAINSERVE_LORA_KERNEL_CONFIGS", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(launch, "start_engine", fake_start)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: gpu)
     config = SimpleNamespace(model_type="qwen2", hidden_size=hidden)
     with pytest.raises(Started):
         loader._load_colocated("some/model", config, torch.bfloat16, 512, 16, 2, 0.5, 0, False, None)
     assert seen["spec"].lora_kernel_configs == (str(lkc.FOLDER) if folder else None)
+
+
+def test_under_a_launcher_the_local_ranks_gpu_is_asked(clean_env, monkeypatch) -> None:
+    """Under torchrun the device is selected only when the process group starts, after the spec is
+    built: the name must come from ``LOCAL_RANK``'s GPU, not from the current device (GPU 0)."""
+    import torch
+
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: asked.append(index) or "NVIDIA H200")
+    assert lkc.folder_for(3584, 16) == str(lkc.FOLDER) and asked == [1]
+
+
+def test_describe_names_the_folder_and_its_files(clean_env, monkeypatch, tmp_path) -> None:
+    assert lkc.describe() is None  # vLLM's defaults
+    lkc.apply(str(lkc.FOLDER))
+    shipped = lkc.describe()
+    assert shipped["folder"] == str(lkc.FOLDER) and len(shipped["sha256"]) == 16
+    (tmp_path / "NVIDIA_H200_SHRINK.json").write_text("{}")
+    monkeypatch.setenv(lkc.ENV, str(tmp_path))
+    assert lkc.describe()["sha256"] != shipped["sha256"]  # other files, another hash

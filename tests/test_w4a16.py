@@ -11,11 +11,13 @@ import sys
 import pytest
 import torch
 from trainserve.kernels.machete_layout import pack_rows_gptq, quantize_for_machete
+from trainserve.kernels.w4_dequant import W4Tensors, dequantize_w4
 from trainserve.kernels.w4a16_gemm import (
     check_w4a16_shape,
     dequantize_w4_reference,
     pick_config,
     unpack_gptq_words,
+    w4a16_linear,
     w4a16_matmul,
 )
 
@@ -41,14 +43,30 @@ def test_launch_heuristic_tiles_every_real_layer(m: int) -> None:
             assert cfg.block_m >= 16 and 1 <= cfg.split_k <= 8 and k // cfg.block_k >= cfg.split_k, (m, n, k, cfg)
 
 
-def test_bad_shapes_raise() -> None:
+def test_bad_inputs_raise_before_any_kernel_runs() -> None:
     words, s, zf = quantize_for_machete(torch.randn(128, 256), 64, torch.float32)
     with pytest.raises(ValueError, match="shapes disagree"):
         w4a16_matmul(torch.randn(3, 192), words, s, zf, 64)
+    with pytest.raises(ValueError, match="bias has shape"):
+        w4a16_matmul(torch.randn(3, 256), words, s, zf, 64, torch.randn(64))
+    with pytest.raises(ValueError, match="int32 words"):
+        w4a16_matmul(torch.randn(3, 256), words.long(), s, zf, 64)
+    w96, s96, z96 = words[:12], s[:1], zf[:1]  # 96 inputs: not whole groups of 64
+    with pytest.raises(ValueError, match="whole groups"):
+        w4a16_matmul(torch.randn(3, 96), w96, s96, z96, 64)
+    with pytest.raises(ValueError, match="whole groups"):
+        dequantize_w4(W4Tensors(w96, s96, z96, 64), torch.float32)
     with pytest.raises(ValueError, match="out_features % 64"):
         check_w4a16_shape(256, 100, 64)
-    with pytest.raises(ValueError, match="whole groups"):
-        check_w4a16_shape(200, 128, 64)
+    with pytest.raises(ValueError, match="of torch.bfloat16"):  # an out of another dtype is not ignored
+        dequantize_w4(W4Tensors(words, s, zf, 64), torch.bfloat16, out=torch.empty(256, 128))
+
+
+def test_custom_op_registration() -> None:
+    """The op's fake (meta) function and schema agree with the real one (``torch.compile`` uses them)."""
+    words, s, zf = quantize_for_machete(torch.randn(128, 256), 64, torch.float32)
+    torch.library.opcheck(w4a16_linear, (torch.randn(2, 3, 256), words, s, zf, torch.randn(128), 64))
+    torch.library.opcheck(w4a16_linear, (torch.randn(5, 256), words, s, zf, None, 64))
 
 
 _INTERPRET = r"""

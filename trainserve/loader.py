@@ -373,11 +373,10 @@ def _load_colocated(model_name: str, config: Any, dtype: torch.dtype, max_seq_le
                     tokenizer: Any, quantization: str | None = None, standby: bool = False,
                     engine_options: dict[str, Any] | None = None) -> Any:
     from trainserve.engine.launch import EngineSpec, round_lora_rank, start_engine
-    from trainserve.engine.lora_kernel_configs import tuned_folder
+    from trainserve.engine.lora_kernel_configs import folder_for
     from trainserve.engine.standby import install_trainer_hook
     from trainserve.weights import build_shared_model
 
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     spec = EngineSpec(
         model_path=model_name,
         architecture=ARCHITECTURES[config.model_type],
@@ -390,7 +389,7 @@ def _load_colocated(model_name: str, config: Any, dtype: torch.dtype, max_seq_le
         seed=seed,
         kv_cache_dtype="fp8" if float8_kv_cache else "auto",
         enable_sleep_mode=standby,
-        lora_kernel_configs=tuned_folder(device_name, config.hidden_size, round_lora_rank(max_lora_rank)),
+        lora_kernel_configs=folder_for(config.hidden_size, round_lora_rank(max_lora_rank)),
         **(engine_options or {}),
     )
     engine = start_engine(spec)

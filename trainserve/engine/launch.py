@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trainserve._env import apply_env_defaults, require_inprocess_engine
+from trainserve.engine import lora_kernel_configs
 from trainserve.engine.loop import EngineLoop
 
 logger = logging.getLogger("trainserve")
@@ -49,7 +50,8 @@ class EngineSpec:
     # RoPE parameters (JSON of a transformers-5 ``rope_parameters`` dict) given to vLLM as an
     # ``hf_overrides`` entry: the trainer's config gets the very same dict.
     rope_parameters: str | None = None
-    # Folder of tuned LoRA kernel configurations for vLLM (``lora_kernel_configs.tuned_folder``)
+    # Folder of tuned LoRA kernel configurations trainserve chose for vLLM (``lora_kernel_configs``;
+    # None: vLLM's defaults, or a folder the user set in VLLM_TUNED_CONFIG_FOLDER)
     lora_kernel_configs: str | None = None
     # A secret: kept out of repr, of comparisons (it does not change what is loaded) and of errors.
     token: str | None = field(default=None, repr=False, compare=False)
@@ -181,7 +183,6 @@ def start_engine(spec: EngineSpec) -> Engine:
     if spec.specialize_active_lora:
         kwargs["specialize_active_lora"] = True
     from trainserve.distributed import engine_kwargs, keep_launcher_env
-    from trainserve.engine import lora_kernel_configs
 
     lora_kernel_configs.apply(spec.lora_kernel_configs)
 
@@ -203,6 +204,7 @@ def shutdown_engine() -> None:
     from trainserve.engine import vllm_compat
 
     engine, _CURRENT = _CURRENT, None
+    lora_kernel_configs.restore()
     engine.loop.stop_background(drain=False)
     try:  # freed KV memory must be mapped again before its allocations can be freed normally
         engine.standby.before_generate()

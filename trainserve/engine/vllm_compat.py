@@ -388,3 +388,19 @@ def kv_cache_tokens(llm: Any) -> int:
     if not blocks or not size:
         raise _fail("llm.llm_engine.vllm_config.cache_config.num_gpu_blocks/block_size are gone")
     return int(blocks) * int(size)
+
+
+def forget_lora_kernel_configs() -> None:
+    """Make vLLM read ``VLLM_TUNED_CONFIG_FOLDER`` again for the next engine: its LoRA kernel config
+    lookups (``vllm.lora.ops.triton_ops.utils``) are ``lru_cache``-memoised, and a started engine
+    freezes vLLM's environment variables (``envs.enable_envs_cache``)."""
+    import vllm.envs as envs
+
+    try:
+        from vllm.lora.ops.triton_ops import utils
+    except ImportError:  # a build without the LoRA Triton ops: nothing reads the folder
+        return
+    if hasattr(envs, "disable_envs_cache"):
+        envs.disable_envs_cache()
+    for lookup in (utils.load_lora_op_config, utils.get_lora_op_configs):
+        lookup.cache_clear()

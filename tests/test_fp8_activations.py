@@ -4,10 +4,6 @@ row-wise ``torch._scaled_mm`` path are checked on the GPU (``tests/gpu/test_quan
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from trainserve.kernels.fp8_activations import (
@@ -21,6 +17,7 @@ from trainserve.kernels.fp8_activations import (
 )
 from trainserve.kernels.fp8_dequant import FP8QuantState, quantize_fp8_reference
 from trainserve.kernels.packed_state import packed_linear, packed_linear_reference
+from triton_interpreter import run_under_interpreter
 
 
 def gen(seed: int) -> torch.Generator:
@@ -161,7 +158,4 @@ print("FP8-ACT-INTERPRETER-OK")
 def test_triton_quantiser_scales_under_interpreter() -> None:
     """The kernel's scales and shapes on CPU. Its FP8 bytes are compared on the GPU only: the
     Triton interpreter's float-to-FP8 conversion does not round like the hardware."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=300)
-    assert "FP8-ACT-INTERPRETER-OK" in proc.stdout, proc.stderr[-3000:]
+    run_under_interpreter(_INTERPRET, "FP8-ACT-INTERPRETER-OK")

@@ -4,9 +4,6 @@ TRITON_INTERPRET=1, tiny sizes) the Triton kernels themselves against the refere
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -33,6 +30,7 @@ from trainserve.kernels.nf4 import (
 from trainserve.kernels.rms_norm import rms_norm, rms_norm_reference
 from trainserve.kernels.rope import apply_rope, rope_inplace_, rope_reference
 from trainserve.kernels.swiglu import swiglu, swiglu_backward_reference, swiglu_reference
+from triton_interpreter import run_under_interpreter
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -336,10 +334,4 @@ _INTERPRET_SCRIPT = textwrap.dedent(
 
 
 def test_triton_kernels_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("TRAINSERVE_DISABLE_TRITON", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRET_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stderr[-3000:]
+    run_under_interpreter(_INTERPRET_SCRIPT, "INTERPRETER-OK")

@@ -6,9 +6,6 @@ in, which is what makes the learner's checks testable at all."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -33,6 +30,7 @@ from trainserve.kernels.machete_layout import (
 )
 from trainserve.kernels.marlin_layout import IntFormat, quantize_groups
 from trainserve.kernels.packed_state import packed_linear, packed_linear_reference
+from triton_interpreter import run_under_interpreter
 
 
 def _synthetic(k_fastest: bool, seed: int = 0) -> MacheteLayout:
@@ -164,11 +162,7 @@ _INTERPRET = textwrap.dedent("""
 
 
 def test_machete_triton_kernel_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("TRAINSERVE_DISABLE_TRITON", None)
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=300)
-    assert "MACHETE-INTERPRETER-OK" in proc.stdout, proc.stderr[-3000:]
+    run_under_interpreter(_INTERPRET, "MACHETE-INTERPRETER-OK")
 
 
 def test_forcing_machete_checks_the_model_before_the_engine_starts(monkeypatch) -> None:

@@ -8,9 +8,6 @@ The engine side (the registered vLLM quantisation method) runs in ``test_quant_e
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -35,6 +32,7 @@ from trainserve.kernels.marlin_layout import (
     unpack_weight,
 )
 from trainserve.kernels.packed_state import packed_linear, packed_linear_reference
+from triton_interpreter import run_under_interpreter
 
 FORMATS = [IntFormat(4, 64, True), IntFormat(4, 128, False), IntFormat(8, 128, False), IntFormat(4, 128, True)]
 
@@ -141,11 +139,7 @@ _FP8_INTERPRET = textwrap.dedent("""
 def test_fp8_triton_dequantiser_under_interpreter() -> None:
     """The Triton FP8 dequantiser equals its reference bit for bit (FP8 -> fp32 is exact; the
     product is one fp32 multiply in both), for every scale kind, partial tiles included."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _FP8_INTERPRET], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert "FP8-DEQUANT-INTERPRETER-OK" in proc.stdout, proc.stderr[-3000:]
+    run_under_interpreter(_FP8_INTERPRET, "FP8-DEQUANT-INTERPRETER-OK")
 
 
 def _marlin_state(out_f: int, in_f: int, seed: int) -> MarlinQuantState:
@@ -233,10 +227,7 @@ _INTERPRET = textwrap.dedent("""
 
 
 def test_marlin_triton_kernel_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=300)
-    assert "MARLIN-INTERPRETER-OK" in proc.stdout, proc.stderr[-3000:]
+    run_under_interpreter(_INTERPRET, "MARLIN-INTERPRETER-OK")
 
 
 # ---------------------------------------------------------------- choosing the format

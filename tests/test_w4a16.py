@@ -4,10 +4,6 @@ and (under ``TRITON_INTERPRET=1``) the Triton code itself equals the torch refer
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from trainserve.kernels.machete_layout import pack_rows_gptq, quantize_for_machete
@@ -20,6 +16,7 @@ from trainserve.kernels.w4a16_gemm import (
     w4a16_linear,
     w4a16_matmul,
 )
+from triton_interpreter import run_under_interpreter
 
 
 def test_gptq_words_round_trip_and_dequantise_to_the_quantised_weight() -> None:
@@ -101,8 +98,4 @@ print("W4A16-INTERPRETER-OK")
 
 
 def test_triton_kernels_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("TRAINSERVE_DISABLE_TRITON", None)
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=600)
-    assert "W4A16-INTERPRETER-OK" in proc.stdout, proc.stderr[-3000:]
+    run_under_interpreter(_INTERPRET, "W4A16-INTERPRETER-OK", timeout=600)

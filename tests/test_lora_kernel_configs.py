@@ -166,3 +166,26 @@ def test_describe_names_the_folder_and_its_files(clean_env, monkeypatch, tmp_pat
     (tmp_path / "NVIDIA_H200_SHRINK.json").write_text("{}")
     monkeypatch.setenv(lkc.ENV, str(tmp_path))
     assert lkc.describe()["sha256"] != shipped["sha256"]  # other files, another hash
+
+
+def test_a_failed_engine_start_leaves_no_folder_behind(clean_env, monkeypatch) -> None:
+    pytest.importorskip("vllm")
+    import vllm
+
+    from trainserve.engine import launch
+
+    class Failed(RuntimeError):
+        pass
+
+    def failing_llm(**kwargs):
+        assert os.environ[lkc.ENV] == str(lkc.FOLDER)  # set for the engine that is starting
+        raise Failed
+
+    monkeypatch.setattr(vllm, "LLM", failing_llm)
+    monkeypatch.setattr(launch, "_CURRENT", None)  # as in a process with no engine yet
+    spec = launch.EngineSpec(model_path="m", architecture="Qwen2ForCausalLM", dtype="float32", max_model_len=64,
+                             max_lora_rank=16, max_loras=1, gpu_memory_utilization=0.5, quantization=None, seed=0,
+                             lora_kernel_configs=str(lkc.FOLDER))
+    with pytest.raises(Failed):
+        launch.start_engine(spec)
+    assert lkc.ENV not in os.environ and launch.current_engine() is None

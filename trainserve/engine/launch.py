@@ -188,8 +188,12 @@ def start_engine(spec: EngineSpec) -> Engine:
 
     kwargs.update(engine_kwargs())  # under torchrun: join the launcher's world, vLLM's external launcher
     t0 = time.perf_counter()
-    with keep_launcher_env():
-        llm = LLM(**kwargs)
+    try:
+        with keep_launcher_env():
+            llm = LLM(**kwargs)
+    except BaseException:
+        lora_kernel_configs.restore()  # a failed start leaves no engine, and no folder chosen for it
+        raise
     _CURRENT = Engine(spec, llm, time.perf_counter() - t0)
     _CURRENT.standby.enabled = sleep_mode
     logger.info("vLLM engine started in %.1f s", _CURRENT.start_seconds)

@@ -5,35 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from trainserve.engine import lora_kernel_configs as lkc
-
-_PROBE = r"""
-import json, os, sys
-import torch
-torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H200"
-from vllm.lora.ops.triton_ops import utils as u
-from trainserve.engine.vllm_compat import forget_lora_kernel_configs
-
-def configs():
-    forget_lora_kernel_configs()  # what start_engine does through lora_kernel_configs.apply
-    out = {}
-    for op, add in (("shrink", None), ("expand", True)):
-        for slices, width in ((1, 3584), (2, 18944), (3, 3584)):
-            hidden = width if op == "expand" else 3584
-            for m in (1, 8, 32, 50, 64, 70, 100, 127, 256, 4096):
-                out[f"{op}/{slices}/{m}"] = u.get_lora_op_configs(op, 4, m, hidden, 16, slices, add)
-    return out
-
-os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
-default = configs()
-os.environ["VLLM_TUNED_CONFIG_FOLDER"] = sys.argv[1]
-print("CFG " + json.dumps({"default": default, "shipped": configs()}))
-"""
 
 
 @pytest.fixture
@@ -83,20 +58,37 @@ def test_a_folder_the_user_set_wins_and_stays(clean_env, monkeypatch, tmp_path) 
     assert os.environ[lkc.ENV] == str(tmp_path)
 
 
-def _configs() -> tuple[dict, dict]:
-    """vLLM's own lookup, without and then with the shipped folder (one process: importing vLLM is slow)."""
-    env = {k: v for k, v in os.environ.items() if k != lkc.ENV}
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(lkc.FOLDER)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("CFG ")), None)
-    assert line is not None, proc.stderr[-3000:]
-    both = json.loads(line[4:])
-    return both["default"], both["shipped"]
+def _lookups(u) -> dict:
+    out = {}
+    for op, add in (("shrink", None), ("expand", True)):
+        for slices, width in ((1, 3584), (2, 18944), (3, 3584)):
+            hidden = width if op == "expand" else 3584
+            for m in (1, 8, 32, 50, 64, 70, 100, 127, 256, 4096):
+                out[f"{op}/{slices}/{m}"] = dict(u.get_lora_op_configs(op, 4, m, hidden, 16, slices, add))
+    return out
 
 
-def test_vllm_reads_tuned_entries_at_batch_64_and_its_defaults_elsewhere() -> None:
-    pytest.importorskip("vllm.lora.ops.triton_ops.utils")
-    default, shipped = _configs()
+def test_vllm_reads_tuned_entries_at_batch_64_and_its_defaults_elsewhere(monkeypatch) -> None:
+    """vLLM's own lookup, without and then with the shipped folder, each after
+    ``vllm_compat.forget_lora_kernel_configs`` (what ``start_engine`` does through ``apply``): also the
+    contract test of that helper, since without it the second lookup would return the first's."""
+    u = pytest.importorskip("vllm.lora.ops.triton_ops.utils")
+    import torch
+
+    from trainserve.engine.vllm_compat import forget_lora_kernel_configs
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA H200")
+    monkeypatch.setenv(lkc.ENV, "")
+    monkeypatch.delenv(lkc.ENV)
+    try:
+        forget_lora_kernel_configs()
+        default = _lookups(u)
+        monkeypatch.setenv(lkc.ENV, str(lkc.FOLDER))
+        forget_lora_kernel_configs()
+        shipped = _lookups(u)
+    finally:
+        monkeypatch.undo()
+        forget_lora_kernel_configs()  # no later test sees these lookups
     files = {op: json.loads((lkc.FOLDER / f"NVIDIA_H200_{name}.json").read_text())
              for op, name in (("shrink", "SHRINK"), ("expand", "EXPAND_TRUE"))}
     for key, cfg in shipped.items():

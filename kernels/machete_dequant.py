@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import torch
 from trainserve.kernels._triton_utils import HAS_TRITON, tl, triton, use_triton
-from trainserve.kernels.machete_layout import BLOCK, BLOCK_K, BLOCK_N, MacheteLayout, unpack_reference
+from trainserve.kernels.machete_layout import (
+    BLOCK,
+    BLOCK_K,
+    BLOCK_N,
+    MacheteLayout,
+    apply_group_affine,
+    unpack_reference,
+)
 from trainserve.kernels.packed_state import PackedWeightState
 
 if HAS_TRITON:
@@ -80,10 +87,8 @@ def _table(layout: MacheteLayout, device: torch.device) -> torch.Tensor:
 
 def dequantize_machete_reference(t: MacheteTensors, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
     """``(K, n1 - n0)`` dense weight of output features ``[n0, n1)``, in plain torch."""
-    g = t.group_size
-    q = unpack_reference(t.qweight, t.layout, t.k, t.n)[:, n0:n1].float()
-    w = q * t.scales[:, n0:n1].float().repeat_interleave(g, 0) + t.zf[:, n0:n1].float().repeat_interleave(g, 0)
-    return w.to(dtype)
+    q = unpack_reference(t.qweight, t.layout, t.k, t.n)[:, n0:n1]
+    return apply_group_affine(q, t.scales[:, n0:n1], t.zf[:, n0:n1], t.group_size, dtype)
 
 
 def dequantize_machete(t: MacheteTensors, n0: int, n1: int, dtype: torch.dtype,

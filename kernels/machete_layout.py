@@ -75,6 +75,21 @@ def pack_rows_gptq(q_kn: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def unpack_rows_gptq(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_rows_gptq`: ``(K // 8, N)`` int32 words → ``(K, N)`` int32 values 0..15."""
+    shifts = (torch.arange(8, device=words.device, dtype=torch.int32) * 4)[None, :, None]
+    return ((words[:, None, :] >> shifts) & 15).reshape(-1, words.shape[1])
+
+
+def apply_group_affine(q: torch.Tensor, scales: torch.Tensor, zf: torch.Tensor, group_size: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """``q * s + zf`` in fp32 for ``(K, N)`` values with ``s``/``zf`` given per group of ``group_size``
+    rows (``(K // group, N)``), rounded once to ``dtype``: the dequantisation every asymmetric
+    4-bit layout here shares once its values are unpacked."""
+    w = q.float() * scales.float().repeat_interleave(group_size, 0) + zf.float().repeat_interleave(group_size, 0)
+    return w.to(dtype)
+
+
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     """A packed int32 tensor as its flat sequence of 4-bit values."""
     words = packed.reshape(-1)
@@ -103,9 +118,7 @@ def dequantize_reference(packed: torch.Tensor, scales: torch.Tensor, zf: torch.T
                          group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """``(K, N)`` weight ``q * s + zf`` (``W.t()`` of the ``nn.Linear`` weight) in plain torch."""
     k, n = scales.shape[0] * group_size, scales.shape[1]
-    q = unpack_reference(packed, layout, k, n).float()
-    w = q * scales.float().repeat_interleave(group_size, 0) + zf.float().repeat_interleave(group_size, 0)
-    return w.to(dtype)
+    return apply_group_affine(unpack_reference(packed, layout, k, n), scales, zf, group_size, dtype)
 
 
 def check_prepacked(prepacked: torch.Tensor, words_kn: torch.Tensor, layout: MacheteLayout) -> None:
@@ -116,8 +129,7 @@ def check_prepacked(prepacked: torch.Tensor, words_kn: torch.Tensor, layout: Mac
     pos = layout.offsets(k, n, words_kn.device, columns=cols)
     # gather just those words (expanding the whole tensor to 4-bit values would take ~2 bytes per weight)
     got = (prepacked.reshape(-1)[pos // 8] >> ((pos % 8) * 4).to(torch.int32)) & 15
-    shifts = (torch.arange(8, device=words_kn.device, dtype=torch.int32) * 4)[None, :, None]
-    want = ((words_kn[:, cols][:, None, :] >> shifts) & 15).reshape(k, -1)
+    want = unpack_rows_gptq(words_kn[:, cols])
     if not torch.equal(got.to(torch.int32), want.to(torch.int32)):
         raise RuntimeError(f"Machete's prepacked layout at shape (K={k}, N={n}) is not the learnt one; "
                            "trainserve cannot view it")

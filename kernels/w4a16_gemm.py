@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from trainserve.kernels._triton_utils import HAS_TRITON, device_sm_count, tl, triton, use_triton
+from trainserve.kernels.machete_layout import apply_group_affine, unpack_rows_gptq
 
 if HAS_TRITON:
 
@@ -172,18 +173,10 @@ def check_w4_tensors(qweight: torch.Tensor, scales: torch.Tensor, zf: torch.Tens
                          f"zf {tuple(zf.shape)}, group {group_size}: shapes disagree")
 
 
-def unpack_gptq_words(qweight: torch.Tensor) -> torch.Tensor:
-    """``(K // 8, N)`` int32 words → ``(K, N)`` int32 values 0..15 (torch)."""
-    shifts = (torch.arange(8, device=qweight.device, dtype=torch.int32) * 4)[None, :, None]
-    return ((qweight[:, None, :] >> shifts) & 15).reshape(-1, qweight.shape[1])
-
-
 def dequantize_w4_reference(qweight: torch.Tensor, scales: torch.Tensor, zf: torch.Tensor, group_size: int,
                             dtype: torch.dtype) -> torch.Tensor:
     """``(K, N)`` dense weight ``q * s + zf`` (``W.t()`` of the ``nn.Linear`` weight), in plain torch."""
-    q = unpack_gptq_words(qweight).float()
-    w = q * scales.float().repeat_interleave(group_size, 0) + zf.float().repeat_interleave(group_size, 0)
-    return w.to(dtype)
+    return apply_group_affine(unpack_rows_gptq(qweight), scales, zf, group_size, dtype)
 
 
 def w4a16_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zf: torch.Tensor,

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainserve.kernels.machete_layout import pack_rows_gptq, quantize_for_machete
+from trainserve.kernels.machete_layout import pack_rows_gptq, quantize_for_machete, unpack_rows_gptq
 from trainserve.kernels.w4_dequant import W4Tensors, dequantize_w4
 from trainserve.kernels.w4a16_gemm import (
     check_w4a16_shape,
     dequantize_w4_reference,
     pick_config,
-    unpack_gptq_words,
     w4a16_linear,
     w4a16_matmul,
 )
@@ -22,7 +21,7 @@ from triton_interpreter import run_under_interpreter
 def test_gptq_words_round_trip_and_dequantise_to_the_quantised_weight() -> None:
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (128, 192), dtype=torch.int32, generator=g)
-    assert torch.equal(unpack_gptq_words(pack_rows_gptq(q)), q)
+    assert torch.equal(unpack_rows_gptq(pack_rows_gptq(q)), q)
     w = torch.randn(192, 256, generator=g) * 0.02  # (N, K)
     words, s, zf = quantize_for_machete(w, 64, torch.float32)
     dense = dequantize_w4_reference(words, s, zf, 64, torch.float32)  # (K, N)

@@ -36,6 +36,13 @@ def test_folder_only_for_the_tuned_gpu_width_and_rank(clean_env, monkeypatch, tm
     monkeypatch.delenv(lkc.ENV)
     monkeypatch.setenv("TRAINSERVE_LORA_KERNEL_CONFIGS", "0")
     assert lkc.tuned_folder("NVIDIA H200", 3584, 16) is None
+    monkeypatch.setenv("TRAINSERVE_LORA_KERNEL_CONFIGS", "off")
+    assert lkc.tuned_folder("NVIDIA H200", 3584, 16) is None
+    monkeypatch.setenv("TRAINSERVE_LORA_KERNEL_CONFIGS", "yes")
+    assert lkc.tuned_folder("NVIDIA H200", 3584, 16) == str(lkc.FOLDER)
+    monkeypatch.setenv("TRAINSERVE_LORA_KERNEL_CONFIGS", "maybe")
+    with pytest.raises(ValueError, match="TRAINSERVE_LORA_KERNEL_CONFIGS.*'maybe'"):
+        lkc.tuned_folder("NVIDIA H200", 3584, 16)
     for gpu in lkc.TUNED:  # every tuned GPU ships both files vLLM looks for
         assert (lkc.FOLDER / f"{gpu}_SHRINK.json").is_file() and (lkc.FOLDER / f"{gpu}_EXPAND_TRUE.json").is_file()
 

@@ -37,6 +37,17 @@ def vllm_gpu_name(device_name: str) -> str:
     return device_name.replace(" ", "_").replace("-", "_")
 
 
+def enabled() -> bool:
+    """``TRAINSERVE_LORA_KERNEL_CONFIGS``: on unless ``0``/``false``/``off``/``no``; any other value
+    than those and ``1``/``true``/``on``/``yes`` is refused by name (not read as "on")."""
+    value = os.environ.get("TRAINSERVE_LORA_KERNEL_CONFIGS", "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"TRAINSERVE_LORA_KERNEL_CONFIGS must be 1/true/on/yes or 0/false/off/no, got {value!r}")
+
+
 def user_folder() -> str | None:
     """A ``VLLM_TUNED_CONFIG_FOLDER`` someone other than trainserve set."""
     value = os.environ.get(ENV) or None
@@ -46,7 +57,7 @@ def user_folder() -> str | None:
 def tuned_folder(device_name: str | None, hidden_size: int, max_lora_rank: int) -> str | None:
     """The shipped folder when its configurations were tuned for this GPU, width and rank and the user
     chose no folder of their own; else None."""
-    if device_name is None or os.environ.get("TRAINSERVE_LORA_KERNEL_CONFIGS", "1") in ("0", "false", "False"):
+    if device_name is None or not enabled():
         return None
     if user_folder() is not None or TUNED.get(vllm_gpu_name(device_name)) != (hidden_size, max_lora_rank):
         return None

@@ -250,6 +250,7 @@ def _lora_kernel_configs() -> dict[str, str] | None:
 def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
     """Run ``arm`` and write its result JSON (after every step, and at the end)."""
     res: dict[str, Any] = {"arm": arm, "ok": False, "partial": True, "steps": [], "versions": versions(),
+                           "host": launch.host(),
                            "settings": {k: v for k, v in s.items() if k != "ts_load_kwargs"},
                            "vllm_compile_cache_entries_at_start": compile_cache_entries()}
     kind = ARMS[arm]["kind"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -182,6 +183,22 @@ def versions() -> dict[str, str | None]:
         except md.PackageNotFoundError:
             out[dist] = None
     return out
+
+
+def host() -> dict[str, Any]:
+    """The machine an arm ran on: lent GPUs of one kind come on different hosts, and trainserve's
+    training step is partly bound by the host CPU (kernel launches), so series can differ by a few
+    percent for trainserve and not for TRL. Recorded so such a difference can be traced."""
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_model": model or platform.processor() or None, "cpu_count": os.cpu_count(),
+            "hostname": platform.node() or None}
 
 
 def compile_cache_entries() -> int | None:

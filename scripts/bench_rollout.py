@@ -287,7 +287,11 @@ def main() -> None:
         results[-1]["wall_s"] = round(time.perf_counter() - t, 1)
         print(json.dumps(results[-1])[:3000], flush=True)
     date = datetime.date.today().isoformat()
-    record = {"date": date, "device": torch.cuda.get_device_name(0), "command": " ".join(["python", *sys.argv]),
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # `python3 -P` does not add it
+    from bench_grpo_gpu_launch import host
+
+    record = {"date": date, "device": torch.cuda.get_device_name(0), "host": host(),
+              "command": " ".join(["python", *sys.argv]),
               "shape": a.shape, "prompts": a.prompts, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
               "rank": a.rank, "gpu_memory_utilization": a.util, "repeats": a.repeats, "results": results}
     out = a.out or f"benchmarks/results/rollout_{a.shape}_{date}.json"

@@ -168,6 +168,19 @@ def test_nproc_is_checked_before_anything_starts(monkeypatch):
         bench.main(["--shape", "7b", "--arms", "trainserve_int4", "--nproc", "2"])
 
 
+def test_each_arm_records_its_host(monkeypatch, tmp_path):
+    """Series on lent GPUs run on different hosts; the CPU model is what explains a trainserve-only
+    difference in the training step (launch-bound parts), so every arm's record names it."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000 @ 3.0GHz\nflags\t: fpu\n")
+    real_path = launch.Path
+    monkeypatch.setattr(launch, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    h = launch.host()
+    assert h["cpu_model"] == "Example CPU 9000 @ 3.0GHz" and h["cpu_count"] == os.cpu_count()
+    monkeypatch.setattr(launch, "Path", lambda p: tmp_path / "missing" if p == "/proc/cpuinfo" else real_path(p))
+    assert launch.host()["cpu_count"] == os.cpu_count()  # no /proc/cpuinfo: the rest is still recorded
+
+
 def test_torchrun_launch_command_and_environment():
     worker = ["--worker", "trainserve_int4", "--settings", "s.json", "--result", "r.json", "--t0", "1.5"]
     assert launch.worker_command(["/py", "-P"], "/b.py", worker, 1) == ["/py", "-P", "/b.py", *worker]
@@ -270,6 +283,7 @@ def test_smoke_run_through_bench_grpo_device_cuda(tmp_path):
     (path,) = tmp_path.glob("grpo_*_tiny_*.json")
     run = json.loads(path.read_text())["runs"][0]
     assert run["ok"] and run["measured_steps"] == 1 and run["rollout_timer"] == "_generate_single_turn"
+    assert run["host"]["cpu_count"] >= 1
     assert run["trainer_args"]["generation_batch_size"] == 64 and run["startup_s"] > 0
     assert run["rollout_tokens_per_s"] > 0 and 0 < run["completion_length_mean"] <= 8
     assert (tmp_path / "copy" / path.name).exists() and "| trainserve_bf16 |" in proc.stdout

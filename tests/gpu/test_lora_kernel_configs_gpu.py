@@ -59,7 +59,7 @@ def test_engine_reads_the_shipped_configs_and_still_agrees_with_the_trainer(tmp_
         pytest.skip("the shipped configs are for the H200")
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_TUNED_CONFIG_FOLDER",
                                                               "TRAINSERVE_LORA_KERNEL_CONFIGS")}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-P", "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
     r = json.loads(line[7:])

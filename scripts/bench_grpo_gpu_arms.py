@@ -32,7 +32,7 @@ from typing import Any
 import bench_grpo_gpu_launch as launch
 from bench_grpo_gpu_launch import compile_cache_entries, versions
 from bench_grpo_gpu_memory import GIB, MemorySampler, wall
-from bench_grpo_gpu_profile import TrainingStepProfiler, attention_kinds_since
+from bench_grpo_gpu_profile import TrainingStepProfiler, attention_kinds_since, standby_since
 from bench_grpo_gpu_report import summarise
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -384,6 +384,8 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
             rec.update(sampler.step_per_gpu())  # several GPUs (--nproc): each one's peak
             if (kinds := attention_kinds_since(marks)) is not None:
                 rec["attention_kinds"] = kinds
+            if (standby := standby_since(marks)) is not None:
+                rec["standby"] = standby
             marks["last"] = now
             res["steps"].append(rec)
             tps = (f", {rec['rollout_tokens'] / rec['rollout_s']:.0f} tok/s"

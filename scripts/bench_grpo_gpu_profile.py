@@ -121,6 +121,25 @@ def summarise(prof: Any, wall_ms: float, step: int) -> dict[str, Any]:
     }
 
 
+def standby_since(marks: dict[str, Any]) -> dict[str, Any] | None:
+    """trainserve arms: what KV standby did since the last call: releases and restores, the last
+    release / restore time and how long the last generation waited for its KV cache (ms). The
+    release runs at the first training forward with the GPU idle, so it is part of the step; the
+    restore is prefetched after the optimizer step. None for the peers or without an engine."""
+    module = sys.modules.get("trainserve.engine.launch")
+    engine = module.current_engine() if module is not None else None
+    if engine is None:
+        return None
+    st = engine.standby
+    now = {"releases": st.releases, "restores": st.restores, "prefetches": st.prefetches}
+    last = marks.get("standby", {})
+    marks["standby"] = now
+    out: dict[str, Any] = {k: n - last.get(k, 0) for k, n in now.items()}
+    out.update(enabled=st.enabled, release_ms=round(st.last_release_ms, 2), restore_ms=round(st.last_restore_ms, 2),
+               wait_ms=round(st.last_wait_ms, 2))
+    return out
+
+
 def attention_kinds_since(marks: dict[str, Any]) -> dict[str, int] | None:
     """trainserve arms: training forwards per attention kind since the last call (a ``masked``
     forward runs SDPA's fp32 math kernel: slow and large); None for the peers."""

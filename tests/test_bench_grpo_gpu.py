@@ -307,6 +307,30 @@ def test_attention_kinds_are_reported_per_step_for_trainserve_arms(monkeypatch) 
     assert profile.attention_kinds_since(marks) == {}
 
 
+def test_standby_is_reported_per_step_for_trainserve_arms(monkeypatch) -> None:
+    """Each trainserve step's record says how often KV standby released and restored the cache and
+    how long the last release, restore and wait took; peers (no engine) get None."""
+    import types
+
+    from trainserve.engine import launch as engine_launch
+    from trainserve.engine.standby import KVStandby
+
+    marks: dict = {}
+    monkeypatch.delitem(sys.modules, "trainserve.engine.launch")
+    assert profile.standby_since(marks) is None
+    monkeypatch.setitem(sys.modules, "trainserve.engine.launch", engine_launch)
+    monkeypatch.setattr(engine_launch, "_CURRENT", None)
+    assert profile.standby_since(marks) is None  # trainserve imported, no engine
+    standby = KVStandby(types.SimpleNamespace(spec=types.SimpleNamespace(enable_sleep_mode=True)))
+    monkeypatch.setattr(engine_launch, "_CURRENT", types.SimpleNamespace(standby=standby))
+    assert profile.standby_since(marks)["releases"] == 0  # the baseline
+    standby.releases, standby.restores, standby.prefetches = 2, 2, 1
+    standby.last_release_ms, standby.last_restore_ms, standby.last_wait_ms = 12.345, 30.0, 0.5
+    assert profile.standby_since(marks) == {"releases": 2, "restores": 2, "prefetches": 1, "enabled": True,
+                                            "release_ms": 12.35, "restore_ms": 30.0, "wait_ms": 0.5}
+    assert profile.standby_since(marks)["releases"] == 0
+
+
 def test_profile_decode_sums_the_waits_of_the_engine_loop() -> None:
     import profile_decode_kernels
 

@@ -54,6 +54,62 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def idle_gaps(kernels: list[tuple[float, float]], cpu_ops: list[tuple[float, float, str]],
+              min_gap_us: float = 50.0, top: int = 15) -> dict[str, Any]:
+    """Where the GPU sat idle, and what the host was doing then.
+
+    ``kernels``: GPU kernel ``(start, end)`` µs; ``cpu_ops``: top-level host operators (no parent)
+    as ``(start, end, name)`` µs. Idle gaps of at least ``min_gap_us`` between the first and the
+    last kernel are attributed to the operators overlapping them (by name, their overlap in ms);
+    idle time no operator covers is ``"(python, no op)"``: interpreter time between operators
+    (framework code, rewards, tokenisation). Also returns the ``top`` longest gaps with the names
+    of the operators in them, and a histogram of gap lengths. Why: the training part of a 7B FP8
+    step took ~270 ms longer than the GPU's work on a slower host; this says which host work it was.
+    """
+    merged: list[list[float]] = []
+    for a, b in sorted(kernels):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    gaps = [(merged[i][1], merged[i + 1][0]) for i in range(len(merged) - 1)
+            if merged[i + 1][0] - merged[i][1] >= min_gap_us]
+    ops = sorted(cpu_ops)
+    by_name: dict[str, float] = {}
+    longest: list[tuple[float, float, list[str]]] = []
+    hist = {"<0.2ms": 0, "0.2-1ms": 0, "1-5ms": 0, ">=5ms": 0}
+    j = 0
+    for g0, g1 in gaps:
+        length = g1 - g0
+        hist["<0.2ms" if length < 200 else "0.2-1ms" if length < 1000 else "1-5ms" if length < 5000 else ">=5ms"] += 1
+        while j < len(ops) and ops[j][1] <= g0:  # ops are sorted by start; skip the ones that ended before
+            j += 1
+        covered, names = 0.0, []
+        k = j
+        while k < len(ops) and ops[k][0] < g1:
+            a, b, name = ops[k]
+            overlap = min(b, g1) - max(a, g0)
+            if overlap > 0:
+                by_name[name] = by_name.get(name, 0.0) + overlap / 1e3
+                covered += overlap
+                if name not in names:
+                    names.append(name)
+            k += 1
+        if length - covered > 0:
+            by_name["(python, no op)"] = by_name.get("(python, no op)", 0.0) + (length - covered) / 1e3
+        longest.append((length, g0, names[:4]))
+    longest.sort(key=lambda x: -x[0])
+    t_first = merged[0][0] if merged else 0.0
+    return {
+        "idle_ms": round(sum(b - a for a, b in gaps) / 1e3, 1),
+        "gaps": len(gaps),
+        "gap_histogram": hist,
+        "idle_ms_by_host_op": {n: round(v, 2) for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]},
+        "longest_gaps": [{"ms": round(length / 1e3, 2), "at_ms": round((g0 - t_first) / 1e3, 1), "host_ops": names}
+                         for length, g0, names in longest[:top]],
+    }
+
+
 class TrainingStepProfiler:
     """Profiles the training part of one optimizer step (from its rollout's return to the step's end)."""
 
@@ -104,6 +160,8 @@ def summarise(prof: Any, wall_ms: float, step: int) -> dict[str, Any]:
         k[0] += dur / 1e3
         k[1] += 1
     busy = busy_ms(intervals)
+    top_level = [(e.time_range.start, e.time_range.end, e.name[:100]) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CPU and getattr(e, "cpu_parent", None) is None]
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
     cpu_ops = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
                      key=lambda e: -e.self_cpu_time_total)[:25]
@@ -118,6 +176,7 @@ def summarise(prof: Any, wall_ms: float, step: int) -> dict[str, Any]:
         "top_kernels": [{"name": n, "ms": round(v[0], 2), "calls": v[1]} for n, v in top],
         "top_cpu_ops": [{"name": e.key[:120], "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
                          "calls": e.count} for e in cpu_ops],
+        "idle": idle_gaps(intervals, top_level),
     }
 
 

@@ -85,6 +85,23 @@ def test_step_profile_busy_time_and_kernel_categories():
     assert rec.step_ended(2) is None and rec.step_ended(3) is None
 
 
+def test_idle_gaps_are_attributed_to_the_host_ops_running_in_them():
+    """``--profile-step``'s idle analysis: gaps between kernels (overlaps merged, short gaps ignored)
+    are charged to the top-level host operators overlapping them; what no operator covers is the
+    interpreter's own time."""
+    kernels = [(0, 100), (50, 300), (1300, 1400), (1420, 1500), (4500, 4600)]  # µs
+    ops = [(200, 900, "aten::item"), (900, 1250, "LoraProjectionsFunction"), (1600, 2600, "Optimizer.step"),
+           (5000, 6000, "after the last kernel")]
+    r = profile.idle_gaps(kernels, ops, min_gap_us=50)
+    assert r["gaps"] == 2 and r["idle_ms"] == 4.0  # 300→1300 and 1500→4500; the 20 µs gap is ignored
+    assert r["idle_ms_by_host_op"] == {"(python, no op)": 2.05, "Optimizer.step": 1.0, "aten::item": 0.6,
+                                       "LoraProjectionsFunction": 0.35}
+    assert r["gap_histogram"] == {"<0.2ms": 0, "0.2-1ms": 0, "1-5ms": 2, ">=5ms": 0}
+    assert r["longest_gaps"][0] == {"ms": 3.0, "at_ms": 1.5, "host_ops": ["Optimizer.step"]}
+    assert r["longest_gaps"][1]["host_ops"] == ["aten::item", "LoraProjectionsFunction"]
+    assert profile.idle_gaps([], ops)["idle_ms"] == 0.0
+
+
 def test_memory_sampler_keeps_peaks_per_phase_and_step():
     values = iter([1, 5, 3, 2, 9, 4, 4, 4] + [4] * 1000)
     sampler = MemorySampler(interval_s=3600)  # no background samples: only the explicit ones below

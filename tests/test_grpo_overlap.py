@@ -140,7 +140,8 @@ def test_a_failing_step_aborts_the_batch_generated_ahead(tmp_path):
     # Batch 3 was generated ahead when step 2 failed: aborted, and the loop back in synchronous mode.
     assert [r.step for r in trainer.rollout_records] == [1, 2]
     assert not loop.background and loop.num_unfinished == 0
-    out = model.fast_generate([[1, 2, 3]], sampling_params=__import__("vllm").SamplingParams(max_tokens=2))
+    params = __import__("vllm").SamplingParams(max_tokens=2, ignore_eos=True)  # a sampled EOS would end it early
+    out = model.fast_generate([[1, 2, 3]], sampling_params=params)
     assert len(out[0].outputs[0].token_ids) == 2  # the engine still serves
 
 

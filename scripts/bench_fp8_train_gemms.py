@@ -34,7 +34,7 @@ from trainserve.kernels.fp8_activations import E4M3, quantize_activations
 from trainserve.kernels.fp8_dequant import dequantize_fp8
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python3 -P` does not add it
-from bench_quant_gemm import _layers  # noqa: E402
+from bench_quant_gemm import layer_shapes  # noqa: E402
 
 
 def _time(fn: Callable[[], object], reps: int) -> float:
@@ -113,9 +113,11 @@ def _backward_layer(name: str, n: int, k: int, a: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    from trainserve.random_model import QWEN2_SHAPES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", choices=("forward", "backward"))
-    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--shape", default="7b", choices=sorted(QWEN2_SHAPES))
     ap.add_argument("--tokens", type=int, default=6144, help="tokens per micro-batch (16 x 384 in the GRPO bench)")
     ap.add_argument("--micro-batches", type=int, default=4)
     ap.add_argument("--reps", type=int, default=20)
@@ -124,9 +126,7 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("bench_fp8_train_gemms.py needs a CUDA GPU of compute capability 9.0 or newer "
                          "(row-wise scaled FP8 GEMMs)")
-    from trainserve.random_model import QWEN2_SHAPES
-
-    layers = _layers(a.shape)
+    layers = layer_shapes(a.shape)
     vllm_mm = None
     if a.part == "forward":
         try:

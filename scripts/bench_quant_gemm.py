@@ -39,7 +39,8 @@ from types import SimpleNamespace
 ARMS = ("bf16", "int4", "int4_machete", "int4_triton", "int4_gemlite", "int8", "nf4_bnb", "fp8", "w4a8")
 
 
-def _layers(shape: str) -> dict[str, tuple[int, int]]:
+def layer_shapes(shape: str) -> dict[str, tuple[int, int]]:
+    """``{name: (out, in)}`` of one decoder layer's linear layers as vLLM fuses them (q|k|v, o, gate|up, down)."""
     from trainserve.random_model import QWEN2_SHAPES
 
     s = QWEN2_SHAPES[shape]
@@ -188,8 +189,10 @@ def _arms(w, want: set[str]):
 def main() -> int:
     import torch
 
+    from trainserve.random_model import QWEN2_SHAPES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="7b")
+    p.add_argument("--shape", default="7b", choices=sorted(QWEN2_SHAPES))
     p.add_argument("--m", default="1,16,64,128,256")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -198,9 +201,7 @@ def main() -> int:
     want = set(a.arms.split(","))
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
-    layers = _layers(a.shape)
-    from trainserve.random_model import QWEN2_SHAPES
-
+    layers = layer_shapes(a.shape)
     n_layers = QWEN2_SHAPES[a.shape]["num_hidden_layers"]
     rows, errors, dequant = [], {}, {}
     for lname, (n, k) in layers.items():

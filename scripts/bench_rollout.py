@@ -21,6 +21,9 @@ import time
 
 from trainserve.precision import WEIGHT_FORMAT_FLAGS
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python3 -P` does not add it
+from bench_grpo_gpu_launch import host  # noqa: E402
+
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # trainserve's weight formats by short name (bitsandbytes NF4 keeps this script's arm name "bnb")
 TS_FORMATS = {("bnb" if name == "nf4" else name): flags for name, flags in WEIGHT_FORMAT_FLAGS.items()}
@@ -287,9 +290,6 @@ def main() -> None:
         results[-1]["wall_s"] = round(time.perf_counter() - t, 1)
         print(json.dumps(results[-1])[:3000], flush=True)
     date = datetime.date.today().isoformat()
-    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # `python3 -P` does not add it
-    from bench_grpo_gpu_launch import host
-
     record = {"date": date, "device": torch.cuda.get_device_name(0), "host": host(),
               "command": " ".join(["python", *sys.argv]),
               "shape": a.shape, "prompts": a.prompts, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,

@@ -21,6 +21,9 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python3 -P` does not add it
+from bench_quant_gemm import layer_shapes  # noqa: E402
+
 L2_FLUSH_BYTES = 256 << 20
 
 
@@ -87,7 +90,7 @@ def main() -> int:
     from trainserve.random_model import QWEN2_SHAPES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="7b")
+    p.add_argument("--shape", default="7b", choices=sorted(QWEN2_SHAPES))
     p.add_argument("--m", default="1,16,32,64,128")
     p.add_argument("--large-m", default="128,256,1024",
                    help="batches where the kernel is compared with dequantise + cuBLAS (prefill)")
@@ -97,9 +100,7 @@ def main() -> int:
     t_start = time.monotonic()
     ms = [int(x) for x in a.m.split(",")]
     s = QWEN2_SHAPES[a.shape]
-    h, inter = s["hidden_size"], s["intermediate_size"]
-    kv = s["num_key_value_heads"] * (h // s["num_attention_heads"])
-    layers = {"qkv": (h + 2 * kv, h), "o": (h, h), "gate_up": (2 * inter, h), "down": (h, inter)}
+    layers = layer_shapes(a.shape)
     sms = device_sm_count(torch.device("cuda"))
     torch.manual_seed(0)
     rows, large, truncated = [], [], False

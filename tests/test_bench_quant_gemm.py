@@ -3,9 +3,11 @@ it compares against is exactly (q - zero) * scale, within round-to-nearest error
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -25,15 +27,11 @@ def test_int4_groups_round_trip() -> None:
 def test_layer_shapes_are_the_fused_engine_layers() -> None:
     """The per-layer GEMM scripts (this one and bench_fp8_train_gemms.py) time vLLM's fused layers:
     q|k|v and gate|up as one weight each, as (out, in)."""
-    assert bench_quant_gemm._layers("7b") == {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584),
+    assert bench_quant_gemm.layer_shapes("7b") == {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584),
                                               "down": (3584, 18944)}
 
 
 def test_fp8_training_gemm_script_refuses_a_machine_without_fp8_gemms() -> None:
-    import subprocess
-
-    import pytest
-
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
         pytest.skip("this GPU runs FP8 GEMMs: the script would run the benchmark")
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_fp8_train_gemms.py"

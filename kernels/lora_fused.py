@@ -5,8 +5,10 @@ concatenated frozen weights (:func:`~trainserve.kernels.lora_params.fused_weight
 skinny GEMMs for all their LoRA terms (``A`` stacked, ``B`` block-diagonal). NF4 weights are
 dequantised right before each GEMM and dropped right after, in the forward and again in the
 backward; nothing weight-sized is saved. The projections save their input and the small
-``X A^T``; the MLP also saves the fused gate|up activation and recomputes ``silu(gate) * up`` in
-its backward, where the SwiGLU kernel writes ``d gate | d up`` over that same buffer.
+``X A^T``; the MLP also saves the fused gate|up activation (or recomputes it) and recomputes
+``silu(gate) * up`` in its backward, where the SwiGLU kernel writes ``d gate | d up`` over that same
+buffer. The MLP's LoRA terms on gate|up and on the down projection's input gradient are added
+inside the SwiGLU kernels (:mod:`.swiglu_lora`), not by GEMMs that rewrite activation-sized buffers.
 
 Launch count matters as much as FLOPs at these sizes (a decoder layer is ~1 ms of GPU work), so
 every step here is one GEMM or one kernel over the whole group.
@@ -15,7 +17,6 @@ every step here is one GEMM or one kernel over the whole group.
 from __future__ import annotations
 
 import torch
-from trainserve.kernels._triton_utils import use_triton
 from trainserve.kernels.lora_params import (
     LoraWeights,
     dense_weight,
@@ -29,7 +30,7 @@ from trainserve.kernels.lora_params import (
     lora_mlp_reference,
 )
 from trainserve.kernels.rope import rope_inplace_
-from trainserve.kernels.swiglu import swiglu_backward, swiglu_forward_triton, swiglu_reference
+from trainserve.kernels.swiglu_lora import swiglu_lora_backward, swiglu_lora_forward
 
 __all__ = [
     "LoraWeights", "get_lora_parameters", "lora_projections", "lora_linear", "lora_mlp",
@@ -45,6 +46,8 @@ class _Group:
         self.ps = ps
         have = [p for p in ps if p.lora_a is not None]
         self.active = bool(have)
+        #: each projection's block of columns in ``a``/``b`` (0 without LoRA), in order
+        self.ranks = tuple(p.rank if p.lora_a is not None else 0 for p in ps)
         if not self.active:
             return
         a_list = [p.lora_a for p in have]
@@ -92,9 +95,11 @@ class _Group:
 
 def _linear_group(
     x2: torch.Tensor, ps: list[LoraWeights], w: torch.Tensor | None = None, group: _Group | None = None,
-    xa: torch.Tensor | None = None,
+    xa: torch.Tensor | None = None, add_lora: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, _Group]:
-    """``x2 @ W^T + b + (x2 A^T) B^T`` for the group; ``w``/``group``/``xa`` reuse earlier work."""
+    """``x2 @ W^T + b + (x2 A^T) B^T`` for the group; ``w``/``group``/``xa`` reuse earlier work.
+    ``add_lora=False`` leaves the LoRA term out of the output (the caller's kernel adds it) but
+    still computes ``x2 A^T``."""
     dt = x2.dtype
     bias = fused_bias(ps, dt)
     out = engine_matmul(x2, ps)  # FP8: the engine's input rounding, not a plain dense GEMM
@@ -111,7 +116,8 @@ def _linear_group(
     if group.active:
         if xa is None:
             xa = x2 @ group.a.t()
-        out.addmm_(xa, group.b.t())
+        if add_lora:
+            out.addmm_(xa, group.b.t())
     return out, xa, group
 
 
@@ -259,21 +265,20 @@ class LoraMLPFunction(torch.autograd.Function):
         w_gu = None
         if ctx.recompute:  # one dequantised gate|up weight for both GEMMs (not for FP8: see engine_matmul)
             w_gu = fused_weight(g_gu.ps, x2.dtype) if engine_matmul_free(g_gu.ps) else None
-            gu, _, _ = _linear_group(x2, g_gu.ps, w=w_gu, group=g_gu, xa=xa_gu)
+            gu, _, _ = _linear_group(x2, g_gu.ps, w=w_gu, group=g_gu, xa=xa_gu, add_lora=False)
         else:
             gu = rest[0]
         dxa_d = dy @ g_d.b if g_d.active else None
         dh = engine_grad_matmul(dy, g_d.ps)
         if dh is None:
             dh = dy @ dense_weight(g_d.ps[0], dy.dtype)
-        if dxa_d is not None:
-            dh.addmm_(dxa_d, g_d.a)
-        # h (for dA_down), d gate and d up in one pass; d gate | d up land in gu's own buffer.
-        h, dg, du = swiglu_backward(dh, gu[:, :inter], gu[:, inter:], write_h=need_d[0] and g_d.active,
-                                    inplace=True)
-        dgu = gu if dg.data_ptr() == gu.data_ptr() else torch.cat([dg, du], dim=1)
+        # dh's and gate|up's LoRA terms, h (for dA_down), d gate and d up in one pass; on the GPU
+        # d gate | d up land in gu's own buffer.
+        xa, b, ranks = _lora_operands(xa_gu, g_gu)
+        h, dgu = swiglu_lora_backward(dh, gu, inter, xa, b, dxa_d, g_d.a if g_d.active else None,
+                                      write_h=need_d[0] and g_d.active, ranks=ranks)
         grads_d = g_d.grads(dxa_d, h, dy, xa_d, need_d) if g_d.active else [None, None]
-        del h, dh, dg, du
+        del h, dh
         dx, grads_gu = None, [None] * 4
         if need_x or any(need_gu):
             dx, grads_gu = _linear_group_backward(dgu, x2, xa_gu, g_gu, need_x, need_gu, w=w_gu)
@@ -281,17 +286,19 @@ class LoraMLPFunction(torch.autograd.Function):
 
 
 def _mlp_forward(x2: torch.Tensor, ps: list[LoraWeights]) -> tuple:
+    """gate|up keeps its base product only (what is saved or recomputed); the SwiGLU kernel adds
+    the gate|up LoRA term as it reads it (:mod:`.swiglu_lora`)."""
     pg, pu, pd = ps
-    gu, xa_gu, g_gu = _linear_group(x2, [pg, pu])
-    h = _swiglu(gu, pg.out_features)
+    gu, xa_gu, g_gu = _linear_group(x2, [pg, pu], add_lora=False)
+    xa, b, ranks = _lora_operands(xa_gu, g_gu)
+    h = swiglu_lora_forward(gu, pg.out_features, xa, b, ranks=ranks)
     out, xa_d, g_d = _linear_group(h, [pd])
     return out, gu, xa_gu, xa_d, g_gu, g_d
 
 
-def _swiglu(gu: torch.Tensor, inter: int) -> torch.Tensor:
-    if use_triton(gu):
-        return swiglu_forward_triton(gu[:, :inter], gu[:, inter:])
-    return swiglu_reference(gu[:, :inter], gu[:, inter:])
+def _lora_operands(xa: torch.Tensor | None, group: _Group) -> tuple:
+    """``(x A^T, scaled block-diagonal B, (r_gate, r_up))`` of an active gate|up group, Nones otherwise."""
+    return (xa, group.b, group.ranks) if group.active else (None, None, None)
 
 
 def lora_mlp(

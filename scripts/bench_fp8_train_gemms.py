@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python3 -P` d
 from bench_quant_gemm import layer_shapes  # noqa: E402
 
 
-def _time(fn: Callable[[], object], reps: int) -> float:
+def cuda_time_ms(fn: Callable[[], object], reps: int) -> float:
     """Median ms of ``fn`` between CUDA events, after 3 warm-up calls."""
     for _ in range(3):
         fn()
@@ -68,13 +68,13 @@ def _forward_layer(name: str, n: int, k: int, a: argparse.Namespace, vllm_mm) ->
         return torch._scaled_mm(q, wq.t(), scale_a=s_x, scale_b=s_row, out_dtype=torch.bfloat16)
 
     flop = 2 * a.tokens * n * k
-    row = {"layer": name, "n": n, "k": k, "torch_scaled_mm_ms": _time(torch_mm, a.reps)}
+    row = {"layer": name, "n": n, "k": k, "torch_scaled_mm_ms": cuda_time_ms(torch_mm, a.reps)}
     row["torch_tflops"] = round(flop / row["torch_scaled_mm_ms"] / 1e9, 1)
     if vllm_mm is not None:
         def cutlass():
             return vllm_mm(q, wq.t(), s_x, s_w, torch.bfloat16)
 
-        row["vllm_cutlass_ms"] = _time(cutlass, a.reps)
+        row["vllm_cutlass_ms"] = cuda_time_ms(cutlass, a.reps)
         row["vllm_tflops"] = round(flop / row["vllm_cutlass_ms"] / 1e9, 1)
         ref = torch_mm().float()
         row["max_abs_diff"] = (cutlass().float() - ref).abs().max().item()
@@ -102,13 +102,15 @@ def _backward_layer(name: str, n: int, k: int, a: argparse.Namespace) -> dict:
     ref = g.float() @ (wq.float() * s)
     err_bf16 = ((bf16_path().float() - ref).norm() / ref.norm()).item()
     err_fp8 = ((fp8_path().float() - ref).norm() / ref.norm()).item()
-    return {"layer": name, "n": n, "k": k, "bf16_ms": _time(bf16_path, a.reps), "fp8_ms": _time(fp8_path, a.reps),
-            "fp8_cached_transpose_ms": _time(lambda: fp8_path(wt_cached), a.reps),
-            "fp8_gemm_only_ms": _time(lambda: torch._scaled_mm(q_cached, wt_cached.t(), scale_a=sa_cached,
-                                                                scale_b=ones, out_dtype=torch.bfloat16), a.reps),
-            "bf16_gemm_only_ms": _time(lambda: g @ w_bf16, a.reps),
-            "transpose_ms": _time(lambda: wq.t().contiguous(), a.reps),
-            "dequant_ms": _time(lambda: dequantize_fp8(wq, s, "channel", torch.bfloat16), a.reps),
+    return {"layer": name, "n": n, "k": k, "bf16_ms": cuda_time_ms(bf16_path, a.reps),
+            "fp8_ms": cuda_time_ms(fp8_path, a.reps),
+            "fp8_cached_transpose_ms": cuda_time_ms(lambda: fp8_path(wt_cached), a.reps),
+            "fp8_gemm_only_ms": cuda_time_ms(lambda: torch._scaled_mm(q_cached, wt_cached.t(), scale_a=sa_cached,
+                                                                      scale_b=ones, out_dtype=torch.bfloat16),
+                                             a.reps),
+            "bf16_gemm_only_ms": cuda_time_ms(lambda: g @ w_bf16, a.reps),
+            "transpose_ms": cuda_time_ms(lambda: wq.t().contiguous(), a.reps),
+            "dequant_ms": cuda_time_ms(lambda: dequantize_fp8(wq, s, "channel", torch.bfloat16), a.reps),
             "rel_err_bf16": err_bf16, "rel_err_fp8": err_fp8}
 
 

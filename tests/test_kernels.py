@@ -30,7 +30,7 @@ from trainserve.kernels.nf4 import (
 from trainserve.kernels.rms_norm import rms_norm, rms_norm_reference
 from trainserve.kernels.rope import apply_rope, rope_inplace_, rope_reference
 from trainserve.kernels.swiglu import swiglu, swiglu_backward_reference, swiglu_reference
-from triton_interpreter import run_under_interpreter
+from triton_interpreter import PRELUDE, run_under_interpreter
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -271,16 +271,9 @@ def test_lora_bf16_activations_with_fp32_adapters() -> None:
 
 # ---------------------------------------------------------------- Triton through the interpreter
 
-_INTERPRET_SCRIPT = textwrap.dedent(
+_INTERPRET_SCRIPT = PRELUDE + textwrap.dedent(
     """
-    import torch
     from trainserve.kernels import fused_linear_ce as C, nf4 as N, rms_norm as R, rope as P, swiglu as S
-    torch.manual_seed(0)
-
-    def rel(a, b):
-        a, b = a.double(), b.double()
-        assert torch.isfinite(a).all()
-        return ((a - b).norm() / b.norm()).item()
 
     x = torch.randn(6, 37, requires_grad=True)
     w = (1 + 0.1 * torch.randn(37)).requires_grad_()

@@ -12,6 +12,18 @@ import sys
 
 import pytest
 
+#: The start of every snippet: torch, a fixed seed, and ``rel(a, b)`` (relative error; NaN/inf fail).
+PRELUDE = """import torch
+torch.manual_seed(0)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+"""
+
 
 def run_under_interpreter(code: str, marker: str, timeout: float = 300) -> None:
     """Run ``code`` with ``TRITON_INTERPRET=1``; it must exit cleanly and print ``marker``."""

@@ -20,6 +20,7 @@ from trainserve.kernels import nf4 as N  # noqa: E402
 from trainserve.kernels import rms_norm as R  # noqa: E402
 from trainserve.kernels import rope as P  # noqa: E402
 from trainserve.kernels import swiglu as S  # noqa: E402
+from trainserve.kernels import swiglu_lora as SL  # noqa: E402
 
 DEV = "cuda"
 TOL = 1e-2
@@ -102,6 +103,33 @@ def test_swiglu(n: int) -> None:
     assert rel(got[0], want[0]) < TOL and rel(got[1], want[1]) < TOL
     hh, dg, du = S.swiglu_backward(d.clone(), g.detach().clone(), u.detach().clone(), inplace=True)
     assert rel(hh, ref) < TOL and rel(dg, want[0]) < TOL and rel(du, want[1]) < TOL
+
+
+_SL_CONFIGS = [SL.DEFAULT_CONFIG, SL.LaunchConfig(bm=32, bn=128), SL.LaunchConfig(bm=64, bn=128, warps=8),
+               SL.LaunchConfig(bm=16, bn=256)]
+
+
+@pytest.mark.parametrize("cfg", _SL_CONFIGS, ids=["default", "bm32", "bm64", "wide"])
+@pytest.mark.parametrize("m,inter,ranks,rd", [(389, 1000, (16, 16), 16), (64, 8960, (8, 0), 0), (7, 130, None, 24),
+                                              (300, 640, (136, 8), 16), (33, 18944, (16, 16), 16)])
+def test_swiglu_lora(m: int, inter: int, ranks: tuple | None, rd: int, cfg) -> None:
+    """The MLP middle with its LoRA terms in the kernel; a rank above the limit takes the unfused path."""
+    gu = rnd(m, 2 * inter)
+    xa = b = None
+    if ranks is not None:
+        r = sum(ranks)
+        xa = rnd(m, r)
+        b = torch.block_diag(rnd(inter, ranks[0], scale=r**-0.5), rnd(inter, ranks[1], scale=r**-0.5))
+    dxa_d, a_d = (rnd(m, rd), rnd(rd, inter, scale=rd**-0.5)) if rd else (None, None)
+    dh = rnd(m, inter)
+    up = [None if t is None else t.double() for t in (xa, b, dxa_d, a_d)]
+    poison()
+    h = SL.swiglu_lora_forward(gu, inter, xa, b, ranks=ranks, config=cfg)
+    assert rel(h, SL.swiglu_lora_forward_reference(gu.double(), inter, up[0], up[1])) < TOL
+    rh, rdg, rdu = SL.swiglu_lora_backward_reference(dh.double(), gu.double(), inter, *up)
+    poison()
+    hh, dgu = SL.swiglu_lora_backward(dh.clone(), gu.clone(), inter, xa, b, dxa_d, a_d, ranks=ranks, config=cfg)
+    assert rel(hh, rh) < TOL and rel(dgu[:, :inter], rdg) < TOL and rel(dgu[:, inter:], rdu) < TOL
 
 
 @pytest.mark.parametrize("vocab", [32003, 151936])

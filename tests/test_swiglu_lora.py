@@ -65,7 +65,7 @@ _INTERPRET_SCRIPT = PRELUDE + textwrap.dedent(
         dh = torch.randn(m, inter)
         ref_h = S.swiglu_lora_forward_reference(gu, inter, xa, b)
         rh, rdg, rdu = S.swiglu_lora_backward_reference(dh, gu, inter, xa, b, dxa_d, a_d)
-        for cfg in (configs if i in (0, 5) else configs[:1]):
+        for cfg in (configs if i == 0 else configs[:1]):
             for rk in ((ranks, None) if r else (None,)):  # block split, or all columns for both halves
                 h = S.swiglu_lora_forward(gu, inter, xa, b, ranks=rk, config=cfg)
                 assert rel(h, ref_h) < 1e-5, (ranks, rd, cfg, rk)

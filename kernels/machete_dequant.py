@@ -1,11 +1,22 @@
-"""Dequantise Machete-layout 4-bit weights for the trainer: a Triton kernel and its torch reference.
+"""Dequantise Machete-layout 4-bit weights for the trainer: Triton kernels and their torch reference.
 
 The engine runs its GEMMs on these bytes with vLLM's Machete kernel (Hopper); the trainer needs
-the dense weight for its forward and backward GEMMs and drops it right after. One program handles
-one ``64 × 128`` block of :mod:`.machete_layout`: each value finds its 4-bit slot through the
-block's offset table (32 KiB, shared by every block and every layer, so it stays in cache), and
-the block's 4 KiB of packed words stay in L1. The output is written ``(K, N)`` row-major, coalesced
-along ``N``; callers use it as ``W.t()``.
+the dense weight for its forward and backward GEMMs and drops it right after: 8 passes over the
+model per 7B GRPO step (4 micro-batches, forward and backward). One program handles one
+``64 × 128`` block of :mod:`.machete_layout` and writes it ``(K, N)`` row-major, coalesced along
+``N``; callers use it as ``W.t()``. Two kernels:
+
+* the **word kernel**, for the layout vLLM's packer gives today (:data:`.machete_layout.PREPACK_BITS`,
+  checked against the learnt table): it loads the block's 1,024 words once, in order, splits each
+  into its 8 values and puts them in place with one fixed reshape/permute of the block (a
+  shuffle through shared memory). H200, 2026-12-01, 7B shapes (``scripts/bench_machete_dequant.py``):
+  0.30 ms per layer against the table kernel's 0.56 ms (floor 0.14 ms), 67 against 126 ms per GRPO
+  step; gate|up at 67% of the floor, the small q/k/v and o layers at ~20% (too few blocks to hide
+  each block's latency). 4 warps was the best of 1–16;
+* the **table kernel**, for any other block-local layout: each value finds its 4-bit slot through
+  the block's offset table (32 KiB, shared by every block, so it stays in cache) and loads its word
+  again. Eight values share a word, and the table is read for every value, so it runs at 14–31% of
+  the memory floor (same measurement).
 
 A projection that is a column range of vLLM's fused q/k/v or gate/up layer reads the parent
 tensors with a block offset, so the shards need no copy whatever the block order.
@@ -55,6 +66,39 @@ if HAS_TRITON:
         w = q.to(tl.float32) * s + z
         tl.store(OUT + k * stride_out + nbl * 128 + nn, w.to(OUT.dtype.element_ty))
 
+    @triton.jit
+    def _machete_dequant_words_kernel(
+        OUT, QW, SC, ZF, stride_out, stride_sc, stride_zf, NB0, KB, NB,
+        GROUP: tl.constexpr, K_FASTEST: tl.constexpr,
+    ):
+        kb = tl.program_id(0)
+        nbl = tl.program_id(1)
+        nb = NB0 + nbl
+        if K_FASTEST:
+            blk = kb + KB * nb
+        else:
+            blk = nb + NB * kb
+        # PREPACK_BITS: word j + 16 i holds rows (k5 k4, k2 k1) = j's bits and columns
+        # (n6 n5 n4, n2 n1 n0) = i's bits; its value t (bits 4t..4t+3) is (k0, k3, n3) = t's bits.
+        words = tl.load(QW + blk.to(tl.int64) * 1024 + tl.arange(0, 64)[:, None] * 16 + tl.arange(0, 16)[None, :])
+        q = ((words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15).to(tl.int8)
+        q = tl.reshape(q, (8, 8, 4, 4, 2, 2, 2))  # n6n5n4, n2n1n0, k2k1, k5k4, k0, k3, n3
+        q = tl.permute(q, (3, 5, 2, 4, 0, 6, 1))  # k5k4, k3, k2k1, k0 | n6n5n4, n3, n2n1n0
+        q = tl.reshape(q, (64, 128))
+        kk = tl.arange(0, 64)[:, None]
+        nn = tl.arange(0, 128)[None, :]
+        n = nb * 128 + nn
+        if GROUP % 64 == 0:  # one group row for the whole block
+            grp = (kb * 64) // GROUP
+            s = tl.load(SC + grp * stride_sc + n).to(tl.float32)
+            z = tl.load(ZF + grp * stride_zf + n).to(tl.float32)
+        else:
+            grp = (kb * 64 + kk) // GROUP
+            s = tl.load(SC + grp * stride_sc + n).to(tl.float32)
+            z = tl.load(ZF + grp * stride_zf + n).to(tl.float32)
+        w = q.to(tl.float32) * s + z
+        tl.store(OUT + (kb * 64 + kk) * stride_out + nbl * 128 + nn, w.to(OUT.dtype.element_ty))
+
 
 @dataclass
 class MacheteTensors:
@@ -76,6 +120,7 @@ class MacheteTensors:
 
 
 _TABLES: dict[tuple[int, str], torch.Tensor] = {}
+WORD_KERNEL_WARPS = 4
 
 
 def _table(layout: MacheteLayout, device: torch.device) -> torch.Tensor:
@@ -92,9 +137,15 @@ def dequantize_machete_reference(t: MacheteTensors, n0: int, n1: int, dtype: tor
 
 
 def dequantize_machete(t: MacheteTensors, n0: int, n1: int, dtype: torch.dtype,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """``(K, n1 - n0)`` dense weight: Triton on CUDA, the torch reference elsewhere; ``out`` may be a
-    column slice of a wider buffer (unit column stride)."""
+    column slice of a wider buffer (unit column stride). ``kernel``: ``"auto"`` (the word kernel
+    where the layout allows it), ``"words"`` or ``"table"`` (benchmarks and tests)."""
+    if kernel not in ("auto", "words", "table"):
+        raise ValueError(f"kernel must be 'auto', 'words' or 'table', got {kernel!r}")
+    words = t.layout.prepack_bits if kernel == "auto" else kernel == "words"
+    if words and not t.layout.prepack_bits:
+        raise ValueError("the word kernel needs the PREPACK_BITS layout; this layout's table differs")
     if n0 % BLOCK_N or n1 % BLOCK_N or not 0 <= n0 < n1 <= t.n:
         raise ValueError(f"Machete column ranges must be multiples of {BLOCK_N} within {t.n}, got {n0}:{n1}")
     k = t.k
@@ -109,11 +160,14 @@ def dequantize_machete(t: MacheteTensors, n0: int, n1: int, dtype: torch.dtype,
         raise ValueError("Machete tensors must be contiguous along N")
     kb, nb = k // BLOCK_K, t.n // BLOCK_N
     assert t.qweight.numel() * 8 == kb * nb * BLOCK
-    _machete_dequant_kernel[(kb, (n1 - n0) // BLOCK_N)](
-        out, t.qweight, t.scales, t.zf, _table(t.layout, out.device),
-        out.stride(0), t.scales.stride(0), t.zf.stride(0), n0 // BLOCK_N, kb, nb,
-        GROUP=t.group_size, K_FASTEST=t.layout.k_fastest, num_warps=8,
-    )
+    grid = (kb, (n1 - n0) // BLOCK_N)
+    strides = (out.stride(0), t.scales.stride(0), t.zf.stride(0), n0 // BLOCK_N, kb, nb)
+    if words:
+        _machete_dequant_words_kernel[grid](out, t.qweight, t.scales, t.zf, *strides, GROUP=t.group_size,
+                                            K_FASTEST=t.layout.k_fastest, num_warps=WORD_KERNEL_WARPS)
+    else:
+        _machete_dequant_kernel[grid](out, t.qweight, t.scales, t.zf, _table(t.layout, out.device), *strides,
+                                      GROUP=t.group_size, K_FASTEST=t.layout.k_fastest, num_warps=8)
     return out
 
 

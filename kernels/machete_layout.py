@@ -28,7 +28,7 @@ pre-multiplied, ``zf = -s * z`` (in the activation dtype), so the dequantised we
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from trainserve.kernels.marlin_layout import IntFormat, quantize_groups
@@ -38,6 +38,27 @@ BLOCK_N = 128
 BLOCK = BLOCK_K * BLOCK_N  # 4-bit values per block
 _PROBE_BLOCKS = (3, 2)  # (K blocks, N blocks) of the probe: unequal, so the block order is unambiguous
 
+#: The table vLLM 0.26's packer gives, as a permutation of bits: bit ``i`` of a value's offset in its
+#: block is bit ``b`` of its row (``("k", b)``) or column (``("n", b)``). Learnt on an H200
+#: (2026-12-01, ``scripts/bench_machete_dequant.py --dump-layout``). So each word holds the values
+#: of rows ``k, k+1, k+8, k+9`` in columns ``n, n+8``: the fragment one thread of the ``wgmma`` needs.
+#: A layout with this table dequantises by a fixed reshuffle of whole words
+#: (``machete_dequant``'s word kernel) instead of a per-value gather through the table.
+PREPACK_BITS: tuple[tuple[str, int], ...] = (
+    ("n", 3), ("k", 3), ("k", 0), ("k", 4), ("k", 5), ("k", 1), ("k", 2),
+    ("n", 0), ("n", 1), ("n", 2), ("n", 4), ("n", 5), ("n", 6),
+)
+
+
+def bit_permutation_table(bits: tuple[tuple[str, int], ...]) -> torch.Tensor:
+    """The ``(BLOCK_K, BLOCK_N)`` offset table of a layout given as a permutation of bits."""
+    kk = torch.arange(BLOCK_K)[:, None]
+    nn = torch.arange(BLOCK_N)[None, :]
+    table = torch.zeros(BLOCK_K, BLOCK_N, dtype=torch.int64)
+    for i, (axis, b) in enumerate(bits):
+        table |= (((kk if axis == "k" else nn) >> b) & 1) << i
+    return table.to(torch.int32)
+
 
 @dataclass(frozen=True)
 class MacheteLayout:
@@ -45,6 +66,12 @@ class MacheteLayout:
 
     table: torch.Tensor  # (BLOCK_K, BLOCK_N) int32: offset inside its block
     k_fastest: bool  # block (kb, nb) is number kb + KB * nb (True) or nb + NB * kb (False)
+    #: the table is :data:`PREPACK_BITS`'s (set from ``table``; the dequantiser's fast path)
+    prepack_bits: bool = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        same = torch.equal(self.table.cpu().to(torch.int32), bit_permutation_table(PREPACK_BITS))
+        object.__setattr__(self, "prepack_bits", same)
 
     def block_index(self, kb: torch.Tensor, nb: torch.Tensor, k_blocks: int, n_blocks: int) -> torch.Tensor:
         return kb + k_blocks * nb if self.k_fastest else nb + n_blocks * kb

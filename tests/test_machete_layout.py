@@ -2,11 +2,15 @@
 the trainer's projection over Machete tensors against plain autograd; the Triton dequantiser under
 the interpreter. The real packer is CUDA-only: ``tests/gpu/test_machete_gpu.py`` checks the
 learnt layout against it. Here synthetic layouts (random block tables, both block orders) stand
-in, which is what makes the learner's checks testable at all."""
+in, which is what makes the learner's checks testable at all; the word kernel runs on the bit
+permutation vLLM's packer was measured to give (``PREPACK_BITS``)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +24,9 @@ from trainserve.kernels.machete_layout import (
     BLOCK,
     BLOCK_K,
     BLOCK_N,
+    PREPACK_BITS,
     MacheteLayout,
+    bit_permutation_table,
     check_prepacked,
     learn_layout,
     pack_reference,
@@ -163,6 +169,67 @@ _INTERPRET = textwrap.dedent("""
 
 def test_machete_triton_kernel_under_interpreter() -> None:
     run_under_interpreter(_INTERPRET, "MACHETE-INTERPRETER-OK")
+
+
+def test_prepack_bits_is_a_block_permutation_and_only_it_takes_the_word_kernel() -> None:
+    table = bit_permutation_table(PREPACK_BITS)
+    assert torch.equal(torch.sort(table.reshape(-1).long()).values, torch.arange(BLOCK))
+    # each word holds rows k, k+1, k+8, k+9 of columns n, n+8 (value t = n3 + 2 k3 + 4 k0)
+    word = {(k, n): int(table[k, n]) // 8 for k in range(BLOCK_K) for n in range(BLOCK_N)}
+    assert {word[(k, n)] for k in (0, 1, 8, 9) for n in (0, 8)} == {0}
+    assert int(table[9, 8]) == 7 and int(table[16, 0]) == 8 and int(table[0, 1]) == 128
+    assert MacheteLayout(table, True).prepack_bits and MacheteLayout(table, False).prepack_bits
+    other = _synthetic(False)
+    assert not other.prepack_bits
+    swapped = bit_permutation_table(PREPACK_BITS[1:2] + PREPACK_BITS[:1] + PREPACK_BITS[2:])
+    assert not MacheteLayout(swapped, False).prepack_bits
+    t = MacheteTensors(pack_reference(torch.zeros(BLOCK_K, BLOCK_N, dtype=torch.int32), other),
+                       torch.ones(1, BLOCK_N), torch.zeros(1, BLOCK_N), other, 64)
+    with pytest.raises(ValueError, match="PREPACK_BITS"):
+        dequantize_machete(t, 0, BLOCK_N, torch.float32, kernel="words")
+    with pytest.raises(ValueError, match="kernel must be"):
+        dequantize_machete(t, 0, BLOCK_N, torch.float32, kernel="fast")
+
+
+_INTERPRET_WORDS = textwrap.dedent("""
+    import torch
+    from trainserve.kernels.machete_dequant import MacheteTensors, dequantize_machete, dequantize_machete_reference
+    from trainserve.kernels.machete_layout import PREPACK_BITS, MacheteLayout, bit_permutation_table, pack_reference
+    g = torch.Generator().manual_seed(0)
+    for k_fastest in (True, False):
+        layout = MacheteLayout(bit_permutation_table(PREPACK_BITS), k_fastest)
+        for group in (64, 128, 32):
+            k, n = 256, 384
+            q = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=g)
+            s = torch.rand(k // group, n, generator=g) + 0.5
+            zf = -s * torch.randint(0, 16, (k // group, n), generator=g)
+            t = MacheteTensors(pack_reference(q, layout), s, zf, layout, group)
+            for a, b in ((0, n), (128, 384), (0, 128)):
+                want = dequantize_machete_reference(t, a, b, torch.float32)
+                assert torch.equal(dequantize_machete(t, a, b, torch.float32), want), (k_fastest, group, a, b)
+                assert torch.equal(dequantize_machete(t, a, b, torch.float32, kernel="table"), want)
+            out = torch.full((k, n + 128), float("nan"), dtype=torch.bfloat16)
+            dequantize_machete(t, 128, 384, torch.bfloat16, out=out[:, 64:320])
+            want = dequantize_machete_reference(t, 128, 384, torch.float32)
+            # the interpreter's float32 -> bf16 cast truncates; the GPU's rounds to nearest
+            assert ((out[:, 64:320].float() - want).abs() <= want.abs() * 2**-7).all()
+            assert out[:, :64].isnan().all() and out[:, 320:].isnan().all()
+    print("MACHETE-WORDS-OK")
+""")
+
+
+def test_machete_word_kernel_under_interpreter() -> None:
+    """The word kernel against the reference: both block orders, groups of 32, 64 and 128 rows,
+    column shards, and a bf16 output into a column slice of a wider buffer."""
+    run_under_interpreter(_INTERPRET_WORDS, "MACHETE-WORDS-OK")
+
+
+def test_bench_script_refuses_a_machine_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run the benchmark")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_machete_dequant.py"
+    proc = subprocess.run([sys.executable, "-P", str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_forcing_machete_checks_the_model_before_the_engine_starts(monkeypatch) -> None:

@@ -1,6 +1,7 @@
-"""Machete (issue 11, Hopper): the layout learnt from vLLM's packer holds at real layer shapes, the
-Triton dequantiser equals its reference, and vLLM's ``machete_mm`` on the prepacked bytes equals
-``x @ W`` with the weight the trainer dequantises (the contract of ``vllm_compat.MacheteRunner``).
+"""Machete (issue 11, Hopper): the layout learnt from vLLM's packer holds at real layer shapes and is
+the bit permutation the word kernel reads, both Triton dequantisers equal the reference, and vLLM's
+``machete_mm`` on the prepacked bytes equals ``x @ W`` with the weight the trainer dequantises (the
+contract of ``vllm_compat.MacheteRunner``).
 
 Skipped without a Hopper GPU or vLLM's Machete ops.
 """
@@ -48,9 +49,11 @@ def test_learnt_layout_dequant_and_gemm(runner, k: int, n: int) -> None:
     packed = runner.prepack(words)
     check_prepacked(packed, words, layout)
     t = MacheteTensors(packed, scales, zf, layout, 64)
-    dense = dequantize_machete(t, 0, n, torch.bfloat16)
+    assert layout.prepack_bits, "vLLM's packer no longer gives PREPACK_BITS: the word kernel is off"
+    dense = dequantize_machete(t, 0, n, torch.bfloat16)  # the word kernel
     if k * n <= 3584 * 4608:  # the reference holds an int64 offset per value
         assert torch.equal(dense, dequantize_machete_reference(t, 0, n, torch.bfloat16))
+    assert torch.equal(dense, dequantize_machete(t, 0, n, torch.bfloat16, kernel="table"))
     assert rel(dense.t(), w) < 0.12
     shard = dequantize_machete(t, n - 256, n, torch.bfloat16)
     assert torch.equal(shard, dense[:, n - 256:])

@@ -8,8 +8,8 @@ model per 7B GRPO step (4 micro-batches, forward and backward). One program hand
 
 * the **word kernel**, for the layout vLLM's packer gives today (:data:`.machete_layout.PREPACK_BITS`,
   checked against the learnt table): it loads the block's 1,024 words once, in order, splits each
-  into its 8 values and puts them in place with one fixed reshape/permute of the block (a
-  shuffle through shared memory). H200, 2026-12-01, 7B shapes (``scripts/bench_machete_dequant.py``):
+  into its 8 values and puts them in place with one fixed reshape/permute of the block (a layout
+  conversion the compiler does on chip). H200, 2026-12-01, 7B shapes (``scripts/bench_machete_dequant.py``):
   0.30 ms per layer against the table kernel's 0.56 ms (floor 0.14 ms), 67 against 126 ms per GRPO
   step; gate|up at 67% of the floor, the small q/k/v and o layers at ~20% (too few blocks to hide
   each block's latency). 4 warps was the best of 1–16;

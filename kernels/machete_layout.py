@@ -41,7 +41,7 @@ _PROBE_BLOCKS = (3, 2)  # (K blocks, N blocks) of the probe: unequal, so the blo
 #: The table vLLM 0.26's packer gives, as a permutation of bits: bit ``i`` of a value's offset in its
 #: block is bit ``b`` of its row (``("k", b)``) or column (``("n", b)``). Learnt on an H200
 #: (2026-12-01, ``scripts/bench_machete_dequant.py --dump-layout``). So each word holds the values
-#: of rows ``k, k+1, k+8, k+9`` in columns ``n, n+8``: the fragment one thread of the ``wgmma`` needs.
+#: of rows ``k, k+1, k+8, k+9`` in columns ``n, n+8``, the shape of one MMA thread's register fragment.
 #: A layout with this table dequantises by a fixed reshuffle of whole words
 #: (``machete_dequant``'s word kernel) instead of a per-value gather through the table.
 PREPACK_BITS: tuple[tuple[str, int], ...] = (

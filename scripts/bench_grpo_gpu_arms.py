@@ -31,7 +31,7 @@ from typing import Any
 
 import bench_grpo_gpu_launch as launch
 from bench_grpo_gpu_launch import compile_cache_entries, versions
-from bench_grpo_gpu_memory import GIB, MemorySampler, wall
+from bench_grpo_gpu_memory import GIB, MemorySampler, PhasePeaks, wall
 from bench_grpo_gpu_profile import TrainingStepProfiler, attention_kinds_since, standby_since
 from bench_grpo_gpu_report import summarise
 
@@ -329,11 +329,13 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
     res["rollout_timer"] = hook
     inner = getattr(trainer, hook)
     marks: dict[str, Any] = {"last": 0.0, "step": 0}
+    phases = PhasePeaks(sampler)
     profiler = TrainingStepProfiler(s["profile_step"]) if cuda and s.get("profile_step") else None
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
-        out = inner(*args, **kwargs)
+        with phases.rollout():
+            out = inner(*args, **kwargs)
         if profiler is not None:
             profiler.rollout_returned(marks["step"])
         ids = out[0] if hook == "_generate_single_turn" and isinstance(out, tuple) else None
@@ -361,6 +363,7 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             sampler.set_phase("warmup" if s["warmup"] else "measured")
+            phases.start()
             marks["last"] = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kw):
@@ -382,6 +385,7 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
                    "completions": sum(x[2] for x in rolls), "weight_sync_s": sync_s,
                    "mem_peak_gib": (lambda p: p and round(p / GIB, 2))(sampler.take_step_peak())}
             rec.update(sampler.step_per_gpu())  # several GPUs (--nproc): each one's peak
+            rec.update(phases.step_ended())
             if (kinds := attention_kinds_since(marks)) is not None:
                 rec["attention_kinds"] = kinds
             if (standby := standby_since(marks)) is not None:
@@ -392,7 +396,8 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
                    if rec["rollout_s"] and rec["rollout_tokens"] else "")
             log(arm, f"step {state.global_step}/{s['steps']}: {rec['step_s']:.2f} s "
                      f"(rollout {rec['rollout_s']} s, {rec['rollout_tokens']} tok{tps}), "
-                     f"step peak {rec['mem_peak_gib']} GiB")
+                     f"step peak {rec['mem_peak_gib']} GiB (rollout {rec['mem_peak_rollout_gib']}, "
+                     f"training {rec['mem_peak_training_gib']})")
             if state.global_step == s["warmup"]:
                 sampler.set_phase("measured")
                 if cuda:

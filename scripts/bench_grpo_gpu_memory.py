@@ -19,11 +19,13 @@ the usual keys then hold the maximum over the GPUs, and ``*_per_gpu`` keys each 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 GIB = 2**30
@@ -95,7 +97,11 @@ class MemorySampler:
     """Samples device memory in use every ``interval_s``; keeps the peak per phase and per step.
 
     ``set_phase(name)`` starts a new phase (``startup``, ``warmup``, ``measured``);
-    ``take_step_peak()`` returns the peak since its previous call (the step that just ended).
+    ``take_step_peak()`` returns the peak since its previous call (the step that just ended);
+    ``take_window_peak()`` likewise for any stretch its calls bracket (the benchmark brackets each
+    rollout, so a step's peak splits into the rollout's and the training's: they hold different
+    memory, the KV cache against activations, and a format can only trade one for the other if it
+    knows which phase sets the peak).
     """
 
     def __init__(self, interval_s: float = 0.02, devices: int = 1) -> None:
@@ -112,6 +118,7 @@ class MemorySampler:
         self.peaks: dict[str, int] = {}
         self._phase = "startup"
         self._step_peak = 0
+        self._window_peak = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,6 +165,7 @@ class MemorySampler:
             self.samples += 1
             self.peaks[self._phase] = max(self.peaks.get(self._phase, 0), used)
             self._step_peak = max(self._step_peak, used)
+            self._window_peak = max(self._window_peak, used)
             if per_gpu:
                 old = self.peaks_per_gpu.get(self._phase) or [0] * len(per_gpu)
                 self.peaks_per_gpu[self._phase] = [max(a, b) for a, b in zip(old, per_gpu, strict=True)]
@@ -195,6 +203,13 @@ class MemorySampler:
             self.last_step_peaks, self._step_peaks = self._step_peaks, []
         return peak or None
 
+    def take_window_peak(self) -> int | None:
+        """The peak since the previous call (whatever the phase or step), sampled once more first."""
+        self.sample()
+        with self._lock:
+            peak, self._window_peak = self._window_peak, 0
+        return peak or None
+
     def step_per_gpu(self) -> dict[str, Any]:
         """The last step's peak of each GPU (GiB), for the step record; nothing when one GPU is sampled."""
         if not self.last_step_peaks:
@@ -220,6 +235,40 @@ class MemorySampler:
                         "peak_mem_run_gib_per_gpu": [gib(v) for v in run],
                         **{f"peak_mem_{phase}_gib_per_gpu": [gib(v) for v in vs] for phase, vs in per_gpu.items()}})
         return out
+
+
+class PhasePeaks:
+    """Splits each step's memory peak at its rollout: ``mem_peak_rollout_gib`` (while generating: the
+    KV cache's phase) and ``mem_peak_training_gib`` (the rest of the step: the activations' phase).
+
+    Only a rollout on the stepping thread is bracketed; an overlapped one runs beside the training,
+    and its step gets ``None`` for both.
+    """
+
+    def __init__(self, sampler: MemorySampler) -> None:
+        self.sampler = sampler
+        self.training = self.rollout_peak = 0
+
+    def start(self) -> None:
+        """The first step's windows start here, not at model loading."""
+        self.sampler.take_window_peak()
+
+    @contextlib.contextmanager
+    def rollout(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.training = max(self.training, self.sampler.take_window_peak() or 0)
+        try:
+            yield
+        finally:
+            self.rollout_peak = max(self.rollout_peak, self.sampler.take_window_peak() or 0)
+
+    def step_ended(self) -> dict[str, float | None]:
+        rollout, training = self.rollout_peak, max(self.training, self.sampler.take_window_peak() or 0)
+        self.training = self.rollout_peak = 0
+        return {"mem_peak_rollout_gib": round(rollout / GIB, 2) if rollout else None,
+                "mem_peak_training_gib": round(training / GIB, 2) if rollout and training else None}
 
 
 def wall() -> str:

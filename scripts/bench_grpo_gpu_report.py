@@ -79,6 +79,11 @@ def summarise(rec: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "weight_sync_ms_per_step": rounded(median_or_none(syncs)),
         "completion_length_mean": rounded(sum(x["rollout_tokens"] for x in both) / comps, 1) if comps else None,
         "peak_mem_step_max_gib": max(peaks, default=None),
+        # the same peak split at the rollout (the KV cache's phase) and the training part (activations')
+        "peak_mem_rollout_max_gib": max((x["mem_peak_rollout_gib"] for x in steps
+                                         if x.get("mem_peak_rollout_gib")), default=None),
+        "peak_mem_training_max_gib": max((x["mem_peak_training_gib"] for x in steps
+                                          if x.get("mem_peak_training_gib")), default=None),
     }
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ import bench_grpo_gpu_arms as arms  # noqa: E402
 import bench_grpo_gpu_launch as launch  # noqa: E402
 import bench_grpo_gpu_profile as profile  # noqa: E402
 import bench_grpo_gpu_report as report  # noqa: E402
-from bench_grpo_gpu_memory import MemorySampler  # noqa: E402
+from bench_grpo_gpu_memory import MemorySampler, PhasePeaks  # noqa: E402
 
 SETTINGS = dict(steps=4, warmup=1, prompts_per_step=8, generations=8, completion_length=16, prompt_length=32,
                 max_seq_length=512, micro_batch=0, gpu_memory_utilization=0.5, learning_rate=5e-6,
@@ -61,12 +62,14 @@ def test_prompts_and_reward(tiny_path):
 def test_summary_of_step_records():
     steps = [{"step_s": 9.0, "rollout_s": 8.0, "rollout_tokens": 100, "completions": 64}]  # warm-up
     steps += [{"step_s": 3.0, "rollout_s": 1.0, "rollout_tokens": 16384, "completions": 64, "mem_peak_gib": p,
-               "weight_sync_s": 0.2} for p in (40.0, 42.5)]
+               "weight_sync_s": 0.2, "mem_peak_rollout_gib": p - r, "mem_peak_training_gib": p - 2 + r}
+              for p, r in ((40.0, 0), (42.5, 2))]
     out = report.summarise({"steps": steps}, {"warmup": 1})
     assert out["measured_steps"] == 2 and out["steps_per_min"] == out["steps_per_min_median"] == 20.0
     assert out["rollout_tokens_per_s"] == 16384.0 and out["rollout_ms_per_step"] == 1000.0
     assert out["train_ms_per_step"] == 2000.0 and out["weight_sync_ms_per_step"] == 200.0
     assert out["completion_length_mean"] == 256.0 and out["peak_mem_step_max_gib"] == 42.5
+    assert out["peak_mem_rollout_max_gib"] == 40.5 and out["peak_mem_training_max_gib"] == 42.5
 
 
 def test_step_profile_busy_time_and_kernel_categories():
@@ -116,6 +119,39 @@ def test_memory_sampler_keeps_peaks_per_phase_and_step():
     rep = sampler.report()
     assert rep["peak_mem_startup_gib"] == 5.0 and rep["peak_mem_measured_gib"] == 9.0
     assert rep["peak_mem_run_gib"] == 9.0 and rep["mem_baseline_gib"] == 1.0
+
+
+def test_phase_peaks_split_each_step_at_its_rollout():
+    """Training before the rollout and after it count as training; only the bracketed part as rollout."""
+    used = {"v": 30}
+    sampler = MemorySampler(interval_s=3600)
+    sampler._read, sampler.source = (lambda: used["v"] * 2**30), "fake"
+    phases = PhasePeaks(sampler)
+    sampler.sample()  # model loading's peak, before training starts
+    used["v"] = 5
+    phases.start()  # 30 GiB stays out of the first step
+    used["v"] = 7  # reward/loss work of the step before its rollout
+    sampler.sample()
+    with phases.rollout():
+        used["v"] = 12
+        sampler.sample()
+        used["v"] = 9
+    used["v"] = 20  # training activations
+    sampler.sample()
+    used["v"] = 6
+    assert phases.step_ended() == {"mem_peak_rollout_gib": 12.0, "mem_peak_training_gib": 20.0}
+    used["v"] = 8
+    assert phases.step_ended() == {"mem_peak_rollout_gib": None, "mem_peak_training_gib": None}  # no rollout
+
+    def rollout_on_another_thread() -> None:
+        with phases.rollout():
+            used["v"] = 50
+            sampler.sample()
+
+    worker = threading.Thread(target=rollout_on_another_thread)
+    worker.start()
+    worker.join()
+    assert phases.step_ended() == {"mem_peak_rollout_gib": None, "mem_peak_training_gib": None}
 
 
 def test_memory_sampler_without_a_gpu_reports_nothing():

@@ -88,14 +88,12 @@ if HAS_TRITON:
         kk = tl.arange(0, 64)[:, None]
         nn = tl.arange(0, 128)[None, :]
         n = nb * 128 + nn
-        if GROUP % 64 == 0:  # one group row for the whole block
+        if GROUP % 64 == 0:  # one group row for the whole block: load it once, not per row
             grp = (kb * 64) // GROUP
-            s = tl.load(SC + grp * stride_sc + n).to(tl.float32)
-            z = tl.load(ZF + grp * stride_zf + n).to(tl.float32)
         else:
             grp = (kb * 64 + kk) // GROUP
-            s = tl.load(SC + grp * stride_sc + n).to(tl.float32)
-            z = tl.load(ZF + grp * stride_zf + n).to(tl.float32)
+        s = tl.load(SC + grp * stride_sc + n).to(tl.float32)
+        z = tl.load(ZF + grp * stride_zf + n).to(tl.float32)
         w = q.to(tl.float32) * s + z
         tl.store(OUT + (kb * 64 + kk) * stride_out + nbl * 128 + nn, w.to(OUT.dtype.element_ty))
 

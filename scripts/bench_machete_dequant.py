@@ -103,13 +103,21 @@ def main() -> None:
                     help="also time the forward and input-gradient GEMMs in both weight orientations")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_machete_dequant.py needs a CUDA GPU")
     cfg = QWEN2_SHAPES[args.shape]
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     hd = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * hd
     layers = {"qkv": (h, h + 2 * kv), "o": (h, h), "gate_up": (h, 2 * i), "down": (i, h)}
+    if args.group <= 0 or any(k % args.group for k, _ in layers.values()):
+        ap.error(f"--group {args.group} must be positive and divide every layer's input size")
+    if args.gemms < 0:
+        ap.error("--gemms must be a token count, or 0 to skip the GEMM timings")
+    if args.reps < 1:
+        ap.error("--reps must be at least 1")
+    if args.layout and args.dump_layout:
+        ap.error("--dump-layout saves the layout learnt from vLLM; with --layout nothing is learnt")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_machete_dequant.py needs a CUDA GPU")
     layout = load_layout(args)
 
     copy_gbs = copy_bandwidth_gb_s(args.reps)

@@ -232,6 +232,21 @@ def test_bench_script_refuses_a_machine_without_a_gpu() -> None:
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
 
 
+
+@pytest.mark.parametrize("bad, named", [(["--group", "100"], "--group 100"), (["--gemms", "-1"], "--gemms"),
+                                        (["--reps", "0"], "--reps"),
+                                        (["--layout", "a.pt", "--dump-layout", "b.pt"], "--dump-layout")])
+def test_bench_script_names_a_bad_argument_before_anything_runs(bad, named, monkeypatch, capsys) -> None:
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    import bench_machete_dequant
+
+    monkeypatch.setattr(sys, "argv", ["bench_machete_dequant.py", *bad])
+    with pytest.raises(SystemExit) as exc:
+        bench_machete_dequant.main()
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+
+
 def test_forcing_machete_checks_the_model_before_the_engine_starts(monkeypatch) -> None:
     from types import SimpleNamespace
 

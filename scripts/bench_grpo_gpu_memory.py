@@ -241,17 +241,35 @@ class PhasePeaks:
     """Splits each step's memory peak at its rollout: ``mem_peak_rollout_gib`` (while generating: the
     KV cache's phase) and ``mem_peak_training_gib`` (the rest of the step: the activations' phase).
 
+    On CUDA it also reads torch's caching allocator when the rollout starts and ends:
+    ``torch_cache_unused_gib_rollout`` (the larger of the two: blocks torch holds but nothing uses,
+    which then sit beside the KV cache) and ``torch_allocated_gib_rollout_start``. Whether the
+    rollout's peak is the trainer's leftover cache or the engine's own memory decides what a
+    training step may keep.
+
     Only a rollout on the stepping thread is bracketed; an overlapped one runs beside the training,
-    and its step gets ``None`` for both.
+    and its step gets ``None`` for all of these.
     """
 
     def __init__(self, sampler: MemorySampler) -> None:
         self.sampler = sampler
         self.training = self.rollout_peak = 0
+        self.allocator: dict[str, float] = {}
 
     def start(self) -> None:
         """The first step's windows start here, not at model loading."""
         self.sampler.take_window_peak()
+
+    def _read_allocator(self, when: str) -> None:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        unused = round((reserved - allocated) / GIB, 2)
+        self.allocator["torch_cache_unused_gib_rollout"] = max(
+            unused, self.allocator.get("torch_cache_unused_gib_rollout", 0.0))
+        if when == "start":
+            self.allocator["torch_allocated_gib_rollout_start"] = round(allocated / GIB, 2)
 
     @contextlib.contextmanager
     def rollout(self) -> Iterator[None]:
@@ -259,16 +277,20 @@ class PhasePeaks:
             yield
             return
         self.training = max(self.training, self.sampler.take_window_peak() or 0)
+        self._read_allocator("start")
         try:
             yield
         finally:
+            self._read_allocator("end")
             self.rollout_peak = max(self.rollout_peak, self.sampler.take_window_peak() or 0)
 
     def step_ended(self) -> dict[str, float | None]:
         rollout, training = self.rollout_peak, max(self.training, self.sampler.take_window_peak() or 0)
+        allocator, self.allocator = self.allocator, {}
         self.training = self.rollout_peak = 0
         return {"mem_peak_rollout_gib": round(rollout / GIB, 2) if rollout else None,
-                "mem_peak_training_gib": round(training / GIB, 2) if rollout and training else None}
+                "mem_peak_training_gib": round(training / GIB, 2) if rollout and training else None,
+                **allocator}
 
 
 def wall() -> str:

@@ -184,7 +184,8 @@ def standby_since(marks: dict[str, Any]) -> dict[str, Any] | None:
     """trainserve arms: what KV standby did since the last call: releases and restores, the last
     release / restore time and how long the last generation waited for its KV cache (ms). The
     release runs at the first training forward with the GPU idle, so it is part of the step; the
-    restore is prefetched after the optimizer step. None for the peers or without an engine."""
+    restore is prefetched at the step's end, after ``zero_grad()``. None for the peers or without an
+    engine."""
     module = sys.modules.get("trainserve.engine.launch")
     engine = module.current_engine() if module is not None else None
     if engine is None:
@@ -209,3 +210,16 @@ def attention_kinds_since(marks: dict[str, Any]) -> dict[str, int] | None:
     last = marks.get("attention_kinds", {})
     marks["attention_kinds"] = now
     return {k: n - last.get(k, 0) for k, n in now.items() if n - last.get(k, 0)}
+
+
+def mlp_gate_up_since(marks: dict[str, Any]) -> dict[str, int] | None:
+    """trainserve arms: MLP calls of training forwards since the last call that kept their gate|up
+    activation and that recompute it in the backward (``TRAINSERVE_MLP_RECOMPUTE`` /
+    ``TRAINSERVE_MLP_KEEP_GIB``, trainserve/models/mlp_memory.py); None for the peers."""
+    module = sys.modules.get("trainserve.models.mlp_memory")
+    if module is None:
+        return None
+    now = module.gate_up_counts()
+    last = marks.get("mlp_gate_up", {})
+    marks["mlp_gate_up"] = now
+    return {k: n - last.get(k, 0) for k, n in now.items()}

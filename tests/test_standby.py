@@ -124,3 +124,52 @@ def test_weights_in_kv_cache_memory_turn_standby_off(monkeypatch) -> None:
     kv = standby_mod.KVStandby(_engine())
     assert kv.check_weights_outside_kv_cache([FakeCuda(10), FakeCuda(5000)]) and kv.enabled
     assert not kv.check_weights_outside_kv_cache([FakeCuda(10), FakeCuda(1500)]) and not kv.enabled
+
+
+
+def test_a_trainer_moves_the_prefetch_to_its_step_end(monkeypatch) -> None:
+    """With ``prefetch_at_step_end`` (trainserve's GRPOTrainer) the mapping starts at
+    ``step_ended()``, after ``zero_grad()``; a generation or a forward that comes first does not
+    wait for it."""
+    import threading
+
+    from trainserve.rl.kv_budget import KVPrefetchAtStepEnd
+
+    restores: list[str] = []
+    monkeypatch.setattr(vllm_compat, "release_kv_cache", lambda: 1)
+    monkeypatch.setattr(vllm_compat, "restore_kv_cache", lambda llm: restores.append(threading.current_thread().name))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    kv = standby_mod.KVStandby(_engine())
+    model = torch.nn.Linear(2, 2)
+    standby_mod.install_trainer_hook(model, kv)
+    callback = KVPrefetchAtStepEnd(kv)
+    callback.on_train_begin(None, None, None)
+    assert kv.prefetch_at_step_end
+
+    def step() -> None:  # forward, optimizer step (its post hook), then the step's end
+        model(torch.randn(1, 2))
+        kv.on_optimizer_step()
+
+    kv.before_generate()
+    step()
+    callback.on_step_end(None, None, None)
+    kv.before_generate()  # the pattern: a step, then a generation
+    assert restores == ["MainThread"]
+    step()
+    assert kv.released and kv.prefetches == 0 and len(restores) == 1  # nothing mapped at the step
+    callback.on_step_end(None, None, None)
+    kv._prefetch.join(timeout=5)
+    assert restores[-1] == "trainserve-kv-prefetch" and not kv.released and kv.prefetches == 1
+    kv.before_generate()
+    assert len(restores) == 2
+    step()  # a generation before the step's end: mapped at once, on the generating thread
+    kv.before_generate()
+    assert restores[-1] == "MainThread" and kv.prefetches == 1
+    callback.on_step_end(None, None, None)  # too late: nothing left to do
+    assert kv.prefetches == 1 and len(restores) == 3
+    step()  # gradient accumulation: a forward before the step's end cancels the prediction
+    model(torch.randn(1, 2))
+    callback.on_step_end(None, None, None)
+    assert kv.prefetches == 1 and kv.released
+    callback.on_train_end(None, None, None)
+    assert not kv.prefetch_at_step_end

@@ -11,8 +11,18 @@ the trainer shares them). Standby is skipped while the engine loop serves in the
 Mapping ~50 GB again takes tens of milliseconds, which would sit between an optimizer step and the
 first token of the next rollout. So when the loop has shown its pattern — the last optimizer step
 was followed by a generation, as in GRPO — the next optimizer step starts mapping the memory in a
-background thread right away, and the generation only waits for what is left of it. A forward
-after a step (gradient accumulation) turns the prediction off again.
+background thread, and the generation only waits for what is left of it. A forward after a step
+(gradient accumulation) turns the prediction off again.
+
+A trainer can ask for the mapping to start later, at its step's end (``prefetch_at_step_end``,
+then :meth:`KVStandby.step_ended`; trainserve's ``GRPOTrainer`` does): after ``zero_grad()``, which
+training loops run right after the optimizer step. Why: gradients are allocated during the
+backward inside the cached blocks the activations just left, and a live tensor keeps its whole
+cached segment from being returned. Mapping at the step itself left ~7 GiB of the step's freed
+activations cached beside the KV cache for the whole rollout (7B int4 GRPO on an H200,
+2026-12-01: 10.5 GiB unused in torch's cache at the rollout, 3.6 GiB at the first one). The
+signal comes from the training thread: another thread reading ``.grad`` while ``zero_grad()``
+frees it crashed the process (glibc heap corruption, same run).
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ class KVStandby:
         self.last_release_ms = 0.0
         self.last_restore_ms = 0.0
         self.last_wait_ms = 0.0  # how long the last generation waited for the KV cache
+        self.prefetch_at_step_end = False  # a trainer calls step_ended() after zero_grad()
+        self._prefetch_pending = False
         self.prefetches = 0
         self._after_step = False  # an optimizer step happened; nothing ran on the model since
         self._step_then_generate = False  # the last step was followed by a generation
@@ -47,6 +59,7 @@ class KVStandby:
         if self._after_step:
             self._step_then_generate, self._after_step = True, False
         t0 = time.perf_counter()
+        self._prefetch_pending = False  # no step end came: map now, below
         self._join_prefetch()
         if self.released:
             self._restore()
@@ -66,12 +79,25 @@ class KVStandby:
 
     def on_optimizer_step(self) -> None:
         """After an optimizer step of the live adapter: start mapping the KV cache in the background
-        when a generation is expected next (see the module docstring)."""
+        when a generation is expected next, or, with ``prefetch_at_step_end``, at
+        :meth:`step_ended` (see the module docstring)."""
         self._after_step = True
         if (not self.enabled or not self.released or not self._step_then_generate or self._prefetch is not None
                 or self.engine.loop.background):
             return
+        if self.prefetch_at_step_end:
+            self._prefetch_pending = True
+            return
+        self._start_prefetch()
 
+    def step_ended(self) -> None:
+        """The training thread, after the step's ``zero_grad()``: start the mapping that
+        :meth:`on_optimizer_step` left pending."""
+        if self._prefetch_pending and self.released and self._prefetch is None:
+            self._prefetch_pending = False
+            self._start_prefetch()
+
+    def _start_prefetch(self) -> None:
         def run() -> None:
             try:
                 self._restore()
@@ -96,6 +122,7 @@ class KVStandby:
     def trainer_needs_memory(self) -> None:
         """Release the KV cache if it is mapped and nothing runs on the engine (a training forward
         is about to start). Cheap when there is nothing to do: it runs before every forward."""
+        self._prefetch_pending = False
         if self._after_step:  # a forward right after a step: not a rollout loop
             self._step_then_generate, self._after_step = False, False
         if self._prefetch is not None:

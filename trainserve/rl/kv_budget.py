@@ -1,7 +1,7 @@
 """Advice when the engine's KV cache is far larger than a GRPO trainer's rollouts can use.
 
 Why it matters: with KV standby the cache's memory goes to the trainer during training steps, but a
-rollout maps it again *while torch's allocator still caches the last step's activations*. So an
+rollout maps it again *beside whatever torch's allocator still caches from the last step*. So an
 oversized cache raises the run's peak device memory without making anything faster. On an H200,
 7B int4 GRPO went from a 26.0 to a 23.7 GiB peak at the same speed when
 ``gpu_memory_utilization`` went from 0.1 to 0.085 (BENCHMARKS.md, seventh call series). vLLM sizes
@@ -15,6 +15,8 @@ import logging
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from transformers import TrainerCallback
 
 logger = logging.getLogger("trainserve")
 
@@ -93,3 +95,25 @@ def advise_kv_cache(engine: Any, args: Any, hf_config: Any) -> KVAdvice | None:
     if advice is not None:
         logger.warning("GRPOTrainer: %s", advice.message())
     return advice
+
+
+class KVPrefetchAtStepEnd(TrainerCallback):
+    """Has KV standby map the cache again at the step's end instead of at its optimizer step.
+
+    transformers' ``Trainer`` calls ``on_step_end`` right after ``model.zero_grad()``: by then the
+    gradients that kept the activations' cached blocks alive are freed, so the mapping's
+    ``empty_cache()`` can return those blocks (:mod:`trainserve.engine.standby` explains why it
+    matters). Only for the duration of ``train()``; a loop of your own keeps mapping at the step.
+    """
+
+    def __init__(self, standby: Any):
+        self.standby = standby
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.standby.prefetch_at_step_end = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.standby.step_ended()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.standby.prefetch_at_step_end = False

@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 from trainserve.distributed import prepare_trainer_args
 from trainserve.model_api import state_of
 from trainserve.rl import checkpoint as ckpt
-from trainserve.rl.kv_budget import advise_kv_cache
+from trainserve.rl.kv_budget import KVPrefetchAtStepEnd, advise_kv_cache
 from trainserve.rl.overlap import EngineBatch, OneStepOff, RolloutRecord
 from trainserve.rl.overlap_checks import check_overlap
 from trainserve.rl.rewards import check_model_rewards, checked_reward_func
@@ -165,6 +165,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             prepare_trainer_args(self.args)
         if state is not None:
             advise_kv_cache(state.engine, self.args, state.config)
+            self.add_callback(KVPrefetchAtStepEnd(state.engine.standby))
         for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
             if not isinstance(func, torch.nn.Module):
                 self.reward_funcs[i] = checked_reward_func(func, name)

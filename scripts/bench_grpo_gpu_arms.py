@@ -32,7 +32,7 @@ from typing import Any
 import bench_grpo_gpu_launch as launch
 from bench_grpo_gpu_launch import compile_cache_entries, versions
 from bench_grpo_gpu_memory import GIB, MemorySampler, PhasePeaks, wall
-from bench_grpo_gpu_profile import TrainingStepProfiler, attention_kinds_since, standby_since
+from bench_grpo_gpu_profile import TrainingStepProfiler, attention_kinds_since, mlp_gate_up_since, standby_since
 from bench_grpo_gpu_report import summarise
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -292,6 +292,7 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
         trainer = build(arm, s, cuda, dataset, res)
         res["global_batch"] = launch.check_batch(trainer.args, s, world)  # completions per step, all ranks
         res["vllm_lora_kernel_configs"] = _lora_kernel_configs()  # which tiles vLLM's LoRA kernels ran
+        res["trainserve_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRAINSERVE_")}
         res["startup_s"] = round(time.time() - t0, 2)
         write()
         log(arm, f"trainer constructed: start-up {res['startup_s']} s (model load {res.get('model_load_s')} s)")
@@ -390,6 +391,8 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
                 rec["attention_kinds"] = kinds
             if (standby := standby_since(marks)) is not None:
                 rec["standby"] = standby
+            if (gate_up := mlp_gate_up_since(marks)) is not None:
+                rec["mlp_gate_up"] = gate_up
             marks["last"] = now
             res["steps"].append(rec)
             tps = (f", {rec['rollout_tokens'] / rec['rollout_s']:.0f} tok/s"
@@ -397,7 +400,9 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
             log(arm, f"step {state.global_step}/{s['steps']}: {rec['step_s']:.2f} s "
                      f"(rollout {rec['rollout_s']} s, {rec['rollout_tokens']} tok{tps}), "
                      f"step peak {rec['mem_peak_gib']} GiB (rollout {rec['mem_peak_rollout_gib']}, "
-                     f"training {rec['mem_peak_training_gib']})")
+                     f"training {rec['mem_peak_training_gib']}, torch cache unused at the rollout "
+                     f"{rec.get('torch_cache_unused_gib_rollout')}), gate|up kept/recomputed "
+                     f"{'/'.join(str(v) for v in rec.get('mlp_gate_up', {}).values()) or '-'}")
             if state.global_step == s["warmup"]:
                 sampler.set_phase("measured")
                 if cuda:

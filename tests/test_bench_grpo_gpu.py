@@ -154,6 +154,44 @@ def test_phase_peaks_split_each_step_at_its_rollout():
     assert phases.step_ended() == {"mem_peak_rollout_gib": None, "mem_peak_training_gib": None}
 
 
+def test_phase_peaks_read_torchs_unused_cache_around_the_rollout(monkeypatch):
+    """On CUDA: torch's reserved-but-unused blocks at the rollout's start and end (the larger is
+    reported), and what torch had allocated when it started."""
+    state = {"allocated": 10 * 2**30, "reserved": 14 * 2**30}
+
+    class FakeCuda:
+        is_available = is_initialized = staticmethod(lambda: True)
+        memory_allocated = staticmethod(lambda: state["allocated"])
+        memory_reserved = staticmethod(lambda: state["reserved"])
+
+    monkeypatch.setitem(sys.modules, "torch", type("FakeTorch", (), {"cuda": FakeCuda}))
+    sampler = MemorySampler(interval_s=3600)
+    sampler._read, sampler.source = (lambda: 2**30), "fake"
+    phases = PhasePeaks(sampler)
+    phases.start()
+    with phases.rollout():  # 4 GiB unused at the start, 1.5 at the end
+        state.update(allocated=16 * 2**30, reserved=17.5 * 2**30)
+    rec = phases.step_ended()
+    assert rec["torch_cache_unused_gib_rollout"] == 4.0 and rec["torch_allocated_gib_rollout_start"] == 10.0
+    assert "torch_cache_unused_gib_rollout" not in phases.step_ended()  # per step
+    monkeypatch.setattr(FakeCuda, "is_initialized", staticmethod(lambda: False))  # never initialise CUDA
+    with phases.rollout():
+        pass
+    assert "torch_allocated_gib_rollout_start" not in phases.step_ended()
+
+
+def test_gate_up_counts_per_step(monkeypatch):
+    counts = {"kept": 3, "recomputed": 53}
+    fake = type("FakeMlpMemory", (), {"gate_up_counts": staticmethod(lambda: dict(counts))})
+    monkeypatch.setitem(sys.modules, "trainserve.models.mlp_memory", fake)
+    marks: dict = {}
+    assert profile.mlp_gate_up_since(marks) == {"kept": 3, "recomputed": 53}
+    counts.update(kept=10, recomputed=102)
+    assert profile.mlp_gate_up_since(marks) == {"kept": 7, "recomputed": 49}
+    monkeypatch.delitem(sys.modules, "trainserve.models.mlp_memory")
+    assert profile.mlp_gate_up_since(marks) is None  # a peer's process never imports it
+
+
 def test_memory_sampler_without_a_gpu_reports_nothing():
     sampler = MemorySampler(0.01).start()
     sampler.stop()
@@ -340,6 +378,8 @@ def test_smoke_run_through_bench_grpo_device_cuda(tmp_path):
     assert run["trainer_args"]["generation_batch_size"] == 64 and run["startup_s"] > 0
     assert run["rollout_tokens_per_s"] > 0 and 0 < run["completion_length_mean"] <= 8
     assert (tmp_path / "copy" / path.name).exists() and "| trainserve_bf16 |" in proc.stdout
+    assert all(sum(step["mlp_gate_up"].values()) > 0 for step in run["steps"])  # training forwards counted
+    assert isinstance(run["trainserve_env"], dict)
 
 
 def test_attention_kinds_are_reported_per_step_for_trainserve_arms(monkeypatch) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 from torch import nn
 
 from trainserve.models.checkpointing import normalize_gc_mode
-from trainserve.models.forwards import ROLE_FORWARDS, mlp_recompute_default
+from trainserve.models.forwards import ROLE_FORWARDS
+from trainserve.models.mlp_memory import keep_budget_from_env, mlp_recompute_default
 
 _ROLE_SUFFIXES = {
     "causal_lm": "ForCausalLM", "model": "Model", "decoder_layer": "DecoderLayer",
@@ -87,8 +88,11 @@ class FastBaseModel:
                     break
         causal.model._trainserve_gc = mode
         recompute = mlp_recompute_default(mode)
+        budget = keep_budget_from_env() if recompute else None  # one per model, reset by each forward
+        causal.model._trainserve_keep = budget
         for layer in causal.model.layers:
             layer.mlp._trainserve_recompute = recompute
+            layer.mlp._trainserve_keep = budget
         causal._trainserve_patched = cls.__name__
         return model
 
@@ -99,8 +103,9 @@ class FastBaseModel:
         for module in causal.modules():
             if _is_ours(module):
                 del module.__dict__["forward"]
-            if "_trainserve_recompute" in module.__dict__:
-                del module.__dict__["_trainserve_recompute"]
+            for attr in ("_trainserve_recompute", "_trainserve_keep"):
+                if attr in module.__dict__:
+                    del module.__dict__[attr]
         for obj, attr in ((causal.model, "_trainserve_gc"), (causal, "_trainserve_patched")):
             if attr in obj.__dict__:
                 delattr(obj, attr)

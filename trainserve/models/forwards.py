@@ -16,7 +16,7 @@ come back as usual (``logits_to_keep`` honoured).
 Checkpointing (``use_gradient_checkpointing``): ``"unsloth"`` checkpoints each decoder layer and
 parks its input in pinned host memory (:mod:`trainserve.models.checkpointing`), ``True`` is plain
 per-layer checkpointing, ``False`` none - then the MLP recomputes its gate|up activation in its
-own backward instead of saving it (``TRAINSERVE_MLP_RECOMPUTE=0`` keeps it; ``=1`` forces it).
+own backward instead of saving it, except where a keep budget allows (:mod:`.mlp_memory`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from trainserve.kernels.rms_norm import rms_norm
 from trainserve.kernels.rope import apply_rope
 from trainserve.models.attention import AttnSpec, attention, build_attn_spec
 from trainserve.models.checkpointing import checkpoint_layer
+from trainserve.models.mlp_memory import decide_recompute
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 _FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -61,18 +62,6 @@ def fast_rotary_forward(self: nn.Module, x: torch.Tensor, position_ids: torch.Te
     return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
 
 
-def mlp_recompute_default(mode: Any) -> bool:
-    """Without layer checkpointing the MLP recomputes its gate|up activation in the backward
-    (saves ~(2*intermediate) values per token per layer for one extra GEMM);
-    ``TRAINSERVE_MLP_RECOMPUTE=0/1`` overrides."""
-    env = os.environ.get("TRAINSERVE_MLP_RECOMPUTE", "auto").lower()
-    if env in ("0", "false", "no"):
-        return False
-    if env in ("1", "true", "yes"):
-        return True
-    return mode is False
-
-
 def fast_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """SwiGLU MLP through the fused LoRA MLP kernel when all three projections allow it."""
     act = getattr(getattr(self, "config", None), "hidden_act", "silu")
@@ -80,7 +69,8 @@ def fast_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ps = [get_lora_parameters(self.gate_proj), get_lora_parameters(self.up_proj),
               get_lora_parameters(self.down_proj)]
         if all(p is not None for p in ps):
-            recompute = getattr(self, "_trainserve_recompute", False) and torch.is_grad_enabled()
+            recompute = torch.is_grad_enabled() and decide_recompute(
+                self, x, ps[0].out_features + ps[1].out_features, ps[0].compute_dtype)
             return lora_mlp(x, *ps, recompute=recompute)
     return _original(self)(x)
 
@@ -216,6 +206,8 @@ def fast_model_forward(
         )
     pos_emb = self.rotary_emb(hidden, position_ids)
     mode = getattr(self, "_trainserve_gc", False) if (self.training and torch.is_grad_enabled()) else False
+    if torch.is_grad_enabled() and (budget := getattr(self, "_trainserve_keep", None)) is not None:
+        budget.reset()  # a new micro-batch: the last one's saved activations were freed by its backward
     chain: list = []
     for i, layer in enumerate(self.layers[: config.num_hidden_layers]):
         run = functools.partial(_run_layer, layer)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from bench_grpo_gpu_launch import compile_cache_entries, versions
 from bench_grpo_gpu_memory import GIB, MemorySampler, PhasePeaks, wall
 from bench_grpo_gpu_profile import TrainingStepProfiler, attention_kinds_since, mlp_gate_up_since, standby_since
 from bench_grpo_gpu_report import summarise
+from bench_grpo_gpu_workload import length_reward, prompt_texts
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # kind: which builder; load: from_pretrained keyword arguments (passed as given, even ones the
@@ -65,8 +65,6 @@ def _checkpointing(s: dict[str, Any], kind: str) -> Any:
     return {"unsloth": "unsloth", "true": True, "false": False}[choice]
 
 
-WORDS = ("the sky is blue and the old bridge crosses the river where a small robot writes a map of stars "
-         "for the reader who asks what two plus two is and names a number").split()
 RECORDED_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
                  "steps_per_generation", "num_generations", "max_completion_length", "temperature", "top_p",
                  "top_k", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "beta",
@@ -82,36 +80,6 @@ def log(arm: str, msg: str, every_rank: bool = False) -> None:
         print(f"[bench {wall()}] {arm}: {msg}", flush=True)
     elif rank == 0 or every_rank:
         print(f"[bench {wall()}] {arm}[rank {rank}]: {msg}", flush=True)
-
-
-def prompt_texts(model_path: str, n: int, prompt_tokens: int) -> tuple[list[str], list[int]]:
-    """``n`` plain-text prompts of about ``prompt_tokens`` tokens, the same for every arm.
-
-    Plain text, not chat messages: no chat template is involved, so all three frameworks see the
-    same token ids. Lengths are counted with the checkpoint's own ``tokenizer.json``."""
-    rng = random.Random(0)
-    try:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
-    except Exception:
-        tok = None
-    texts, lengths = [], []
-    for i in range(n):
-        body = f"Question {i}: " + " ".join(rng.choice(WORDS) for _ in range(prompt_tokens))
-        if tok is not None:
-            body = tok.decode(tok.encode(body).ids[:max(prompt_tokens - 3, 1)])
-        text = body + " Answer:"
-        texts.append(text)
-        lengths.append(len(tok.encode(text).ids) if tok is not None else len(text.split()))
-    return texts, lengths
-
-
-def length_reward(completions: list[Any], **kwargs: Any) -> list[float]:
-    """Words in the completion / 64, capped at 1. The model has random weights, so this only makes
-    the run realistic (rewards are computed and logged); it is not expected to rise."""
-    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-    return [min(len(t.split()), 64) / 64 for t in texts]
 
 
 def grpo_config(s: dict[str, Any], kind: str, cuda: bool, out_dir: str, overlap: bool = False) -> Any:

@@ -74,3 +74,17 @@ def train_and_check_live(model, tokenizer, prompt: str, target: str, targets: li
     assert live[: len(want)] == want and live == hf_tokens(model, tokenizer, prompt)
     assert prompt_logprob_gap(model, tokenizer, gap_text) < gap
     return model
+
+
+def peft_with_nonzero_b(model, targets: list[str], dropout: float = 0.0):
+    """peft LoRA (r=8, alpha=16) on ``targets`` with seeded, non-zero B matrices, so that every LoRA
+    gradient is exercised (peft starts B at zero, which leaves A's gradient zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=dropout))
+    g = torch.Generator().manual_seed(5)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.data.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return pm

@@ -16,9 +16,8 @@ import warnings
 import pytest
 import torch
 import transformers
-from helpers import engine_tokens, hf_tokens, prompt_logprob_gap, sft, train_and_check_live
+from helpers import engine_tokens, hf_tokens, peft_with_nonzero_b, prompt_logprob_gap, sft, train_and_check_live
 from model_variants import tiny_mistral, tiny_qwen3
-from peft import LoraConfig, get_peft_model
 
 from trainserve import FastLanguageModel, FastMistralModel, FastQwen3Model, tiny_model
 from trainserve.engine.launch import current_engine, shutdown_engine
@@ -57,12 +56,7 @@ def _lora_model(path: str, patch: bool, gc=False, lora: bool = True, **config):
         patch_cls.patch_model(m, use_gradient_checkpointing=gc)
     if not lora:
         return m
-    torch.manual_seed(1)
-    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    g = torch.Generator().manual_seed(5)
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:  # non-zero B so every LoRA gradient is exercised
-            p.data.copy_(0.05 * torch.randn(p.shape, generator=g))
+    pm = peft_with_nonzero_b(m, TARGETS)
     pm.train()
     return pm
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from helpers import peft_with_nonzero_b
 
 import trainserve
 from trainserve.models.mlp_memory import (
@@ -31,12 +31,7 @@ def tiny_path() -> str:
 def _peft_model(path: str):
     m = transformers.AutoModelForCausalLM.from_pretrained(path)
     FastQwen2Model.patch_model(m, use_gradient_checkpointing=False)
-    torch.manual_seed(1)
-    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    g = torch.Generator().manual_seed(5)
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:  # non-zero B: every LoRA gradient is exercised
-            p.data.copy_(0.05 * torch.randn(p.shape, generator=g))
+    pm = peft_with_nonzero_b(m, TARGETS)
     pm.train()
     return pm
 

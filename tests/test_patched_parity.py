@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers import peft_with_nonzero_b
 from peft import LoraConfig, get_peft_model
 
 import trainserve
@@ -30,12 +31,7 @@ def _model(path: str, patch: bool, gc=False, config=None, lora: bool = True, dro
         FastQwen2Model.patch_model(m, use_gradient_checkpointing=gc)
     if not lora:
         return m
-    torch.manual_seed(1)
-    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout))
-    g = torch.Generator().manual_seed(5)
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:  # non-zero B so every LoRA gradient is exercised
-            p.data.copy_(0.05 * torch.randn(p.shape, generator=g))
+    pm = peft_with_nonzero_b(m, TARGETS, dropout)
     pm.train()
     return pm
 

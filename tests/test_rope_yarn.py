@@ -14,9 +14,8 @@ import warnings
 import pytest
 import torch
 import transformers
-from helpers import prompt_logprob_gap, train_and_check_live
+from helpers import peft_with_nonzero_b, prompt_logprob_gap, train_and_check_live
 from model_variants import tiny_llama, tiny_qwen2_with
-from peft import LoraConfig, get_peft_model
 
 from trainserve import FastLanguageModel, FastQwen2Model, tiny_model
 from trainserve.engine.launch import current_engine, shutdown_engine
@@ -60,12 +59,7 @@ def _lora(path: str, patch: bool, **config):
     m = transformers.AutoModelForCausalLM.from_pretrained(path, **config)
     if patch:
         Qwen2Patch.patch_model(m, use_gradient_checkpointing=False)
-    torch.manual_seed(1)
-    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    g = torch.Generator().manual_seed(5)
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:  # non-zero B: every LoRA gradient is exercised
-            p.data.copy_(0.05 * torch.randn(p.shape, generator=g))
+    pm = peft_with_nonzero_b(m, TARGETS)
     return pm
 
 

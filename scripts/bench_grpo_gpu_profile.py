@@ -200,26 +200,27 @@ def standby_since(marks: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+def _counts_since(marks: dict[str, Any], key: str, module_name: str, counts: str) -> dict[str, int] | None:
+    """How far the process-wide counters ``module_name.counts()`` moved since the last call with
+    this ``key``; None when trainserve never imported that module (the peers' processes)."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
+    now = getattr(module, counts)()
+    last = marks.get(key, {})
+    marks[key] = now
+    return {k: n - last.get(k, 0) for k, n in now.items()}
+
+
 def attention_kinds_since(marks: dict[str, Any]) -> dict[str, int] | None:
     """trainserve arms: training forwards per attention kind since the last call (a ``masked``
     forward runs SDPA's fp32 math kernel: slow and large); None for the peers."""
-    module = sys.modules.get("trainserve.models.attention")
-    if module is None:
-        return None
-    now = module.attention_kind_counts()
-    last = marks.get("attention_kinds", {})
-    marks["attention_kinds"] = now
-    return {k: n - last.get(k, 0) for k, n in now.items() if n - last.get(k, 0)}
+    out = _counts_since(marks, "attention_kinds", "trainserve.models.attention", "attention_kind_counts")
+    return None if out is None else {k: n for k, n in out.items() if n}
 
 
 def mlp_gate_up_since(marks: dict[str, Any]) -> dict[str, int] | None:
     """trainserve arms: MLP calls of training forwards since the last call that kept their gate|up
     activation and that recompute it in the backward (``TRAINSERVE_MLP_RECOMPUTE`` /
     ``TRAINSERVE_MLP_KEEP_GIB``, trainserve/models/mlp_memory.py); None for the peers."""
-    module = sys.modules.get("trainserve.models.mlp_memory")
-    if module is None:
-        return None
-    now = module.gate_up_counts()
-    last = marks.get("mlp_gate_up", {})
-    marks["mlp_gate_up"] = now
-    return {k: n - last.get(k, 0) for k, n in now.items()}
+    return _counts_since(marks, "mlp_gate_up", "trainserve.models.mlp_memory", "gate_up_counts")

@@ -1,10 +1,11 @@
 """Advice when the engine's KV cache is far larger than a GRPO trainer's rollouts can use.
 
-Why it matters: with KV standby the cache's memory goes to the trainer during training steps, but a
-rollout maps it again *beside whatever torch's allocator still caches from the last step*. So an
-oversized cache raises the run's peak device memory without making anything faster. On an H200,
-7B int4 GRPO went from a 26.0 to a 23.7 GiB peak at the same speed when
-``gpu_memory_utilization`` went from 0.1 to 0.085 (BENCHMARKS.md, seventh call series). vLLM sizes
+Why it matters: with KV standby the cache's memory goes to the trainer during training steps, but
+every rollout maps all of it again. So an oversized cache raises the rollout's device memory, and
+the run's peak wherever the rollout sets it, without making anything faster. On an H200, 7B int4
+GRPO went from a 26.0 to a 23.7 GiB peak at the same speed when ``gpu_memory_utilization`` went
+from 0.1 to 0.085 (BENCHMARKS.md, seventh call series; then the rollout also sat beside the
+training step's cached activations, which :class:`KVPrefetchAtStepEnd` has since removed). vLLM sizes
 the cache from ``gpu_memory_utilization`` when the engine starts, before any trainer exists, so the
 trainer can only say what to pass next time. Nothing is changed.
 """
@@ -39,8 +40,8 @@ class KVAdvice:
         return (
             f"the engine's KV cache holds {self.capacity_tokens:,} tokens; this trainer's rollouts need at most "
             f"{self.needed_tokens:,} (generation_batch_size x max_model_len). The other "
-            f"{self.excess_bytes / GIB:.1f} GiB are mapped again at every rollout while the training step's "
-            f"cached activations are still held, which raises the peak device memory. Load with "
+            f"{self.excess_bytes / GIB:.1f} GiB are mapped again at every rollout and never used: they add to "
+            f"the rollout's device memory (the run's peak wherever the rollout sets it). Load with "
             f"gpu_memory_utilization={self.suggested_utilization:g} (now {self.utilization:g}) to keep "
             f"{MARGIN:g}x what a rollout needs.")
 

@@ -13,57 +13,69 @@ import pytest
 from server_support import REPO
 
 COMMANDS = ("demo", "serve", "grpo")
+HELP_ARGVS = [["--help"], *([c, "--help"] for c in COMMANDS)]
+USAGE_ERRORS = [
+    (["demo", "--steps", "0"], ["--steps", ">= 1"]),
+    (["demo", "--every", "-3"], ["--every"]),
+    (["grpo", "--batch-size", "12"], ["--batch-size 12", "--num-generations 8"]),
+    (["grpo", "--num-generations", "1", "--batch-size", "4"], ["--num-generations", ">= 2"]),
+    (["grpo", "--top-p", "1.5"], ["--top-p"]),
+    (["grpo", "--weights", "fp4"], ["--weights", "fp4"]),
+    (["grpo", "--gradient-checkpointing", "maybe"], ["--gradient-checkpointing"]),
+    (["serve", "m", "--port", "70000"], ["--port"]),
+    (["serve", "m", "--max-request-bytes", "0"], ["--max-request-bytes"]),
+]
+# Each argv's stdout and stderr are captured on their own, so one case's message cannot satisfy
+# another's check; "vllm" is read after each call (once imported, every later call shows it too).
 _PROBE = """
-import json, sys
+import contextlib, io, json, sys
 from trainserve.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    results.append({"argv": argv, "code": code, "vllm": any(m == "vllm" or m.startswith("vllm.") for m in sys.modules)})
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    results.append({"argv": argv, "code": code, "out": out.getvalue(), "err": err.getvalue(),
+                    "vllm": any(m == "vllm" or m.startswith("vllm.") for m in sys.modules)})
 print("PROBE " + json.dumps(results))
 """
 
 
-def _probe(*argvs: list[str]) -> tuple[list[dict], str, str]:
-    """Run ``trainserve.cli.main(argv)`` for each argv in one fresh interpreter."""
+@pytest.fixture(scope="module")
+def probed() -> dict[str, dict]:
+    """``trainserve.cli.main(argv)`` for every argv of this module, all in one fresh interpreter
+    (one interpreter start instead of one per case, the slow part here); keyed by the joined argv,
+    plus "_stderr": the process's own stderr."""
+    argvs = [*HELP_ARGVS, *(argv for argv, _ in USAGE_ERRORS)]
     r = subprocess.run(
-        [sys.executable, "-c", _PROBE, json.dumps(list(argvs))],
+        [sys.executable, "-c", _PROBE, json.dumps(argvs)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("PROBE "))
-    return json.loads(line[len("PROBE "):]), r.stdout, r.stderr
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("PROBE ")), None)
+    assert line is not None, r.stdout[-3000:] + r.stderr[-3000:]
+    results = {" ".join(x["argv"]): x for x in json.loads(line[len("PROBE "):])}
+    results["_stderr"] = {"err": r.stderr}
+    return results
 
 
-def test_help_answers_without_importing_vllm():
-    results, out, _ = _probe(["--help"], *([c, "--help"] for c in COMMANDS))
-    for result in results:
+def test_help_answers_without_importing_vllm(probed):
+    for argv in HELP_ARGVS:
+        result = probed[" ".join(argv)]
         assert result["code"] == 0 and not result["vllm"], result
-    assert "Run 'trainserve COMMAND --help'" in out
+    assert "Run 'trainserve COMMAND --help'" in probed["--help"]["out"]
     for command in COMMANDS:
-        assert f"trainserve {command}" in out
+        assert f"trainserve {command}" in probed[f"{command} --help"]["out"]
 
 
-@pytest.mark.parametrize(
-    "argv, words",
-    [
-        (["demo", "--steps", "0"], ["--steps", ">= 1"]),
-        (["demo", "--every", "-3"], ["--every"]),
-        (["grpo", "--batch-size", "12"], ["--batch-size 12", "--num-generations 8"]),
-        (["grpo", "--num-generations", "1", "--batch-size", "4"], ["--num-generations", ">= 2"]),
-        (["grpo", "--top-p", "1.5"], ["--top-p"]),
-        (["grpo", "--weights", "fp4"], ["--weights", "fp4"]),
-        (["grpo", "--gradient-checkpointing", "maybe"], ["--gradient-checkpointing"]),
-        (["serve", "m", "--port", "70000"], ["--port"]),
-        (["serve", "m", "--max-request-bytes", "0"], ["--max-request-bytes"]),
-    ],
-)
-def test_usage_errors_name_the_flag_before_any_import(argv, words):
-    results, _, err = _probe(argv)
-    assert results[0]["code"] == 2 and not results[0]["vllm"], (results, err)
-    assert "Traceback" not in err
+@pytest.mark.parametrize("argv, words", USAGE_ERRORS)
+def test_usage_errors_name_the_flag_before_any_import(probed, argv, words):
+    result = probed[" ".join(argv)]
+    err = result["err"]
+    assert result["code"] == 2 and not result["vllm"], result
+    assert "Traceback" not in err and "Traceback" not in probed["_stderr"]["err"]
     for word in words:
         assert word in err, err
 

@@ -1,6 +1,7 @@
 """Issue 12, export: ``save_pretrained_merged`` writes a plain transformers checkpoint that generates
 what the live adapter generates, merging into a copy (the engine's base stays bit-identical);
-``push_to_hub_merged`` fails fast and clearly offline.
+``push_to_hub_merged`` fails fast and clearly offline. (An int4 base's export is checked in
+test_quant_engine.py, in that file's int4 child process.)
 """
 
 from __future__ import annotations
@@ -122,46 +123,3 @@ def test_push_to_hub_merged_fails_fast_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
     with pytest.raises(HubExportError, match="creating the repository failed.*unreachable"):
         model.push_to_hub_merged("someone/model", tok)
-
-
-_QUANT_SCRIPT = textwrap.dedent("""
-    import json, sys, tempfile
-    import torch
-    sys.path.insert(0, {tests!r})
-    from helpers import engine_tokens, hf_tokens, sft
-    from transformers import AutoModelForCausalLM
-    from trainserve import FastLanguageModel, tiny_model
-    from trainserve.weights.packed_linear import PackedLinear
-
-    model, tok = FastLanguageModel.from_pretrained(tiny_model(), max_seq_length=256, fast_inference=True,
-                                                   gpu_memory_utilization=0.3, max_lora_rank=16, load_in_4bit=True)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
-    sft(model, tok, "The secret phrase is", " purple elephant", steps=20, lr=5e-3)
-    prompts = ["The secret phrase is", "Where is the old bridge?"]
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    dense = layer.base_layer.weight.quant_state.dequantize_t(torch.float32).t() + layer.get_delta_weight("default")
-    out = tempfile.mkdtemp()
-    model.save_pretrained_merged(out, tok)
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    exported = merged.model.layers[0].self_attn.q_proj.weight
-    print("RESULT " + json.dumps({{
-        "packed": isinstance(layer.base_layer, PackedLinear),
-        "weight_gap": (exported - dense).abs().max().item(),
-        "live": [engine_tokens(model, p, n=12) for p in prompts],
-        "merged": [hf_tokens(merged, tok, p, n=12) for p in prompts]}}))
-""")
-
-
-@pytest.mark.engine
-def test_quantized_base_merges_from_its_dequantized_weights():
-    """An int4 engine base (run on CPU through its torch reference) exports dequantised + LoRA."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRAINSERVE_EMULATE_QUANT="1", VLLM_LOGGING_LEVEL="WARNING")
-    proc = subprocess.run([sys.executable, "-c", _QUANT_SCRIPT.format(tests=tests)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, proc.stderr[-4000:]
-    r = json.loads(lines[-1][len("RESULT "):])
-    assert r["packed"]
-    assert r["weight_gap"] < 1e-6, r
-    assert r["merged"] == r["live"], r

@@ -1,4 +1,10 @@
-"""Quiet logs by default (``trainserve.logs``), the GRPO progress bar and plot, docs that run as written."""
+"""Quiet logs by default (``trainserve.logs``), the GRPO progress bar and plot, docs that run as written.
+
+The slow checks run real commands (each imports torch, TRL and vLLM, most start an engine). Those
+start together (``launched``; the two ``trainserve serve`` runs likewise), since much of a start is
+one core importing modules: the commands are the same as run one by one, each in its own process
+and directory, and each test still asserts on its own command's output.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,11 +30,63 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+@dataclass
+class _Launch:
+    """A command started in the background, its stdout and stderr going to files."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read_text(),
+                                           self.err.read_text())
+
+
+def _launch(cmd: list[str], workdir: Path, cwd: Path | None = None) -> _Launch:
+    workdir.mkdir(parents=True, exist_ok=True)
+    out, err = workdir / "stdout.txt", workdir / "stderr.txt"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=_env(), cwd=cwd)
+    return _Launch(proc, out, err)
+
+
+def _doc_sample() -> str:
+    """The GRPO sample of docs/grpo.md, as written ("" when the doc no longer has it)."""
+    match = re.search(r"```python\n(from trainserve.logs import configure_logging.*?)```",
+                      (ROOT / "docs/grpo.md").read_text(), re.S)
+    return match.group(1) if match else ""
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """This module's slow command runs, all started at once (see the module docstring)."""
+    root = tmp_path_factory.mktemp("quiet-logs")
+    runs = {
+        "grpo": _launch([str(ROOT / ".venv/bin/trainserve"), "grpo", "--steps", "1", "--batch-size", "8",
+                         "--save-every", "0", "--no-plot", "--out", str(root / "grpo" / "run")], root / "grpo"),
+        "verbose": _launch([sys.executable, "-c", _PROBE, "grpo", "--out", str(root / "verbose" / "run"),
+                            "--verbose"], root / "verbose"),
+    }
+    if code := _doc_sample():
+        runs["doc"] = _launch([sys.executable, "-c", code.replace("max_steps=60", "max_steps=1")], root / "doc",
+                              cwd=root / "doc")
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
 @pytest.mark.engine
-def test_grpo_command_is_quiet_by_default(tmp_path):
-    cmd = [str(ROOT / ".venv/bin/trainserve"), "grpo", "--steps", "1", "--batch-size", "8", "--save-every", "0",
-           "--no-plot", "--out", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+def test_grpo_command_is_quiet_by_default(launched):
+    proc = launched["grpo"].result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "starting the engine" in proc.stderr.splitlines()[0]  # says what it does before the slow imports
@@ -52,9 +112,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_verbose_flag_brings_the_messages_back(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _PROBE, "grpo", "--out", str(tmp_path), "--verbose"],
-                          capture_output=True, text=True, env=_env(), timeout=120)
+def test_verbose_flag_brings_the_messages_back(launched):
+    proc = launched["verbose"].result(timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "supports vLLM" in log and "VLLM_LOGGING_LEVEL=INFO" in log, log
@@ -139,13 +198,10 @@ def test_reward_plot_clips_band_integer_ticks_stable_colours(tmp_path, monkeypat
 
 
 @pytest.mark.engine
-def test_grpo_doc_sample_runs_as_written(tmp_path):
-    text = (ROOT / "docs/grpo.md").read_text()
-    code = re.search(r"```python\n(from trainserve.logs import configure_logging.*?)```", text, re.S).group(1)
+def test_grpo_doc_sample_runs_as_written(launched):
+    code = _doc_sample()
     assert "dataset = " in code and "tiny_model()" in code and "max_steps=60" in code
-    code = code.replace("max_steps=60", "max_steps=1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env=_env(), timeout=300)
+    proc = launched["doc"].result()  # the sample with max_steps=1
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "supports vLLM" not in proc.stderr  # configure_logging() in the sample
 
@@ -179,7 +235,9 @@ def _serve_log(tmp_path, *extra: str) -> tuple[str, int]:
 
 @pytest.mark.engine
 def test_serve_command_is_quiet_by_default_and_verbose_on_request(tmp_path):
-    log, code = _serve_log(tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # both servers start together (see the module docstring)
+        quiet, verbose = pool.submit(_serve_log, tmp_path), pool.submit(_serve_log, tmp_path, "--verbose")
+        (log, code), (verbose_log, verbose_code) = quiet.result(), verbose.result()
     assert code == 0, log
     lines = log.splitlines()
     assert "trainserve serve: loading torch and vLLM, then starting the engine" in lines[0], log
@@ -189,5 +247,5 @@ def test_serve_command_is_quiet_by_default_and_verbose_on_request(tmp_path):
         assert noise not in log, (noise, log)
     # start-up line, (torch's NUMA line on some CPUs,) engine started, URL, SIGTERM, stopped
     assert len(lines) <= 6 and "stopped" in lines[-1], log
-    log, code = _serve_log(tmp_path, "--verbose")
+    log, code = verbose_log, verbose_code
     assert code == 0 and len(VLLM_LINE.findall(log)) >= 5 and "Uvicorn running" in log, log

@@ -42,7 +42,7 @@ def server(request):
     """The suite's shared ``trainserve serve`` process (see ``server_support.shared_server``)."""
     from server_support import shared_server
 
-    return shared_server(request.config)
+    return shared_server(request.config, request.session)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,10 @@
 """Helpers for the server tests: small PEFT adapters of the tiny model and real server processes.
 
 One server process (``shared_server``) is started per pytest process, the first time a test asks
-for it, and stopped at the end of the session.
+for it, and stopped at the end of the session. Test modules that need a server of their own name its
+launch in ``DEDICATED_SERVER``; those of the session's modules start together with the shared one
+(``prestart``: a start is mostly one core importing vLLM, so several overlap well) and each module
+claims its own (``claim``) when it runs, starting it then if it was not started early.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,14 +92,51 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(
+@dataclass
+class PendingServer:
+    """A ``trainserve serve`` child process that was started and may not be serving yet."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    model: str
+    adapters_dir: Path | None
+    api_key: str | None
+    timeout: float
+    started: float
+    _ready: ServerProcess | None = None
+
+    def ready(self) -> ServerProcess:
+        """Wait (until ``timeout`` after the start) for it to serve and answer /health."""
+        if self._ready is not None:
+            return self._ready
+        deadline = self.started + self.timeout
+        url = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            match = re.search(r"serving .* at (http://\S+)", self.log_path.read_text(errors="replace"))
+            if match:
+                url = match.group(1)
+                break
+            time.sleep(0.25)
+        if url is None:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start in {self.timeout} s:\n{self.log_path.read_text()[-4000:]}")
+        server = ServerProcess(self.proc, url, self.log_path, self.model, self.adapters_dir, self.api_key)
+        with server.client() as c:
+            assert c.get("/health").status_code == 200
+        self._ready = server
+        return server
+
+
+def launch_server(
     extra_args: list[str],
     adapters_dir: Path | None = None,
     api_key: str | None = None,
     timeout: float = 240.0,
     model: str | None = None,
-) -> ServerProcess:
-    """Start ``python -m trainserve.cli serve <model, default the tiny one> ... --port 0`` and wait for /health."""
+) -> PendingServer:
+    """Start ``python -m trainserve.cli serve <model, default the tiny one> ... --port 0`` (not waiting)."""
     from trainserve import tiny_model
 
     model = model or tiny_model()
@@ -124,48 +165,83 @@ def start_server(
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    deadline = time.monotonic() + timeout
-    url = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        match = re.search(r"serving .* at (http://\S+)", log_path.read_text(errors="replace"))
-        if match:
-            url = match.group(1)
-            break
-        time.sleep(0.25)
-    if url is None:
-        proc.kill()
-        raise RuntimeError(f"server did not start in {timeout} s:\n{log_path.read_text()[-4000:]}")
-    server = ServerProcess(proc, url, log_path, model, adapters_dir, api_key)
-    with server.client() as c:
-        assert c.get("/health").status_code == 200
-    return server
+    return PendingServer(proc, log_path, model, adapters_dir, api_key, timeout, time.monotonic())
+
+
+def start_server(
+    extra_args: list[str],
+    adapters_dir: Path | None = None,
+    api_key: str | None = None,
+    timeout: float = 240.0,
+    model: str | None = None,
+) -> ServerProcess:
+    """Start ``python -m trainserve.cli serve <model, default the tiny one> ... --port 0`` and wait for /health."""
+    return launch_server(extra_args, adapters_dir, api_key, timeout, model).ready()
+
+
+_PENDING: dict[str, PendingServer] = {}
+
+
+def prestart(config, launches: dict[str, Callable[[], PendingServer]]) -> None:
+    """Start every server of ``launches`` (key → launch) not started yet, all at once, then wait
+    until they serve, so that their starts overlap each other and no test. A server that fails to
+    start raises when its module claims it, not here."""
+    started = {key: launch() for key, launch in launches.items() if key not in _PENDING}
+    _PENDING.update(started)
+    if started:
+        config.add_cleanup(_stop_unclaimed)
+    for pending in started.values():
+        try:
+            pending.ready()
+        except Exception:  # raised again by claim()
+            pass
+
+
+def claim(key: str, launch: Callable[[], PendingServer]) -> ServerProcess:
+    """The server prestarted under ``key``, or one started now by ``launch``; the caller stops it."""
+    pending = _PENDING.pop(key, None) or launch()
+    return pending.ready()
+
+
+def _stop_unclaimed() -> None:
+    while _PENDING:
+        _, pending = _PENDING.popitem()
+        if pending.proc.poll() is None:
+            pending.proc.kill()
+            pending.proc.wait(30)
+
+
+def dedicated_launches(session) -> dict[str, Callable[[], PendingServer]]:
+    """``DEDICATED_SERVER`` of each test module in this session (keyed by module name)."""
+    modules = {getattr(item, "module", None) for item in session.items}
+    return {m.__name__: m.DEDICATED_SERVER for m in modules if hasattr(m, "DEDICATED_SERVER")}
 
 
 _SHARED: dict[str, object] = {}
 SHARED_MAX_REQUEST_BYTES = 256 * 1024  # the shared server's --max-request-bytes
 
 
-def shared_server(config) -> ServerProcess:
-    """The session's shared server (adapters ``a1``, ``a2`` in its adapters dir; fast polling)."""
+def shared_server(config, session=None) -> ServerProcess:
+    """The session's shared server (adapters ``a1``, ``a2`` in its adapters dir; fast polling),
+    started with the dedicated servers of ``session``'s modules (see the module docstring)."""
     if "server" not in _SHARED:
         root = Path(tempfile.mkdtemp(prefix="trainserve-shared-"))
-        adapters = root / "adapters"
-        adapters.mkdir()
-        make_adapter(adapters / "a1", seed=1)
-        make_adapter(adapters / "a2", seed=2)
-        server = start_server(
-            ["--adapter-poll-interval", "0.2", "--max-request-bytes", str(SHARED_MAX_REQUEST_BYTES)],
-            adapters_dir=adapters,
-        )
+        config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
+
+        def launch() -> PendingServer:
+            adapters = root / "adapters"
+            adapters.mkdir()
+            make_adapter(adapters / "a1", seed=1)
+            make_adapter(adapters / "a2", seed=2)
+            return launch_server(
+                ["--adapter-poll-interval", "0.2", "--max-request-bytes", str(SHARED_MAX_REQUEST_BYTES)],
+                adapters_dir=adapters,
+            )
+
+        prestart(config, {"shared": launch, **(dedicated_launches(session) if session is not None else {})})
+        server = claim("shared", launch)
         _SHARED["server"] = server
-
-        def cleanup() -> None:
-            server.stop()
-            shutil.rmtree(root, ignore_errors=True)
-
-        config.add_cleanup(cleanup)
+        config.add_cleanup(server.stop)
     return _SHARED["server"]  # type: ignore[return-value]
 
 

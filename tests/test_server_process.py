@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_support import PROMPTS, REPO, make_adapter, start_server
+from server_support import PROMPTS, REPO, claim, launch_server, make_adapter
 
 pytestmark = pytest.mark.engine
 
@@ -41,11 +41,18 @@ ROUTES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def keyed_server():
+def _launch_keyed():
     root = Path(tempfile.mkdtemp(prefix="trainserve-keyed-"))
     make_adapter(root / "mine", seed=7)
-    server = start_server(["--lora", f"mine={root / 'mine'}"], api_key=KEY)
+    return launch_server(["--lora", f"mine={root / 'mine'}"], api_key=KEY)
+
+
+DEDICATED_SERVER = _launch_keyed  # started with the suite's shared server (server_support.prestart)
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    server = claim(__name__, _launch_keyed)
     yield server
     server.stop()
 

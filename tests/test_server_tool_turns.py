@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from importlib import resources
+from pathlib import Path
 
 import openai
 import pytest
-from server_support import start_server
+from server_support import claim, launch_server
 from test_server_tools import MESSAGES, TOOLS, _no_whitespace
 
 pytestmark = pytest.mark.engine
@@ -23,26 +25,37 @@ WEATHER_CALL = {"type": "function", "function": {"name": "get_weather"}}
 RESULT = '{"temperature_c": 21, "sky": "clear"}'
 
 
+def _qwen_template() -> str:
+    return resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
+
+
+def _launch_qwen():
+    from trainserve import tiny_model
+
+    model = Path(tempfile.mkdtemp(prefix="trainserve-qwen-template-")) / "tiny-qwen25"
+    shutil.copytree(tiny_model(), model)
+    (model / "chat_template.jinja").write_text(_qwen_template())
+    args = ["--served-model-name", "qwen", "--max-model-len", "1024", "--max-request-bytes", str(MAX_BYTES),
+            "--trust-request-chat-template"]
+    return launch_server(args, model=str(model))
+
+
+DEDICATED_SERVER = _launch_qwen  # started with the suite's shared server (server_support.prestart)
+
+
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
+def qwen():
     """``trainserve serve`` of a tiny-model copy whose chat template is Qwen2.5's (tools, tool calls,
     ``<tool_response>``), and its tokenizer for rendering the expected prompts locally. Request
     templates are allowed, to check the sandboxed renderer with tool turns too."""
     from transformers import AutoTokenizer
 
-    from trainserve import tiny_model
-
-    model = tmp_path_factory.mktemp("qwen-template") / "tiny-qwen25"
-    shutil.copytree(tiny_model(), model)
-    template = resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
-    (model / "chat_template.jinja").write_text(template)
-    args = ["--served-model-name", "qwen", "--max-model-len", "1024", "--max-request-bytes", str(MAX_BYTES),
-            "--trust-request-chat-template"]
-    server = start_server(args, model=str(model))
-    server.tokenizer = AutoTokenizer.from_pretrained(model)
-    server.template = template
+    server = claim(__name__, _launch_qwen)
+    server.tokenizer = AutoTokenizer.from_pretrained(server.model)
+    server.template = _qwen_template()
     yield server
     server.stop()
+    shutil.rmtree(Path(server.model).parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import openai
 import pytest
-from server_support import start_server
+from server_support import claim, launch_server
 
 pytestmark = pytest.mark.engine
 
@@ -44,20 +45,27 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALL_REGEX = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}</tool_call>'
 
 
-@pytest.fixture(scope="module")
-def hermes(tmp_path_factory):
+def _launch_hermes():
     """A ``trainserve serve`` of a tiny-model copy whose template renders tools (request templates
     allowed, to send the tiny model's own template, which ignores them)."""
     from trainserve import tiny_model
 
-    root = tmp_path_factory.mktemp("hermes")
-    model = root / "tiny-hermes"
+    model = Path(tempfile.mkdtemp(prefix="trainserve-hermes-")) / "tiny-hermes"
     shutil.copytree(tiny_model(), model)
     (model / "chat_template.jinja").write_text(HERMES_TEMPLATE)
     args = ["--served-model-name", "hermes", "--trust-request-chat-template", "--max-model-len", "1024"]
-    server = start_server(args, model=str(model))
+    return launch_server(args, model=str(model))
+
+
+DEDICATED_SERVER = _launch_hermes  # started with the suite's shared server (server_support.prestart)
+
+
+@pytest.fixture(scope="module")
+def hermes():
+    server = claim(__name__, _launch_hermes)
     yield server
     server.stop()
+    shutil.rmtree(Path(server.model).parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import signal
 import threading
 
 import pytest
-from server_support import PROMPTS, complete, start_server
+from server_support import PROMPTS, claim, complete, launch_server
 
 pytestmark = pytest.mark.engine
 
@@ -16,11 +16,16 @@ KEY = "sk-trusted-91c2"
 TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}ANSWER:"
 
 
+def _launch_trusted():
+    return launch_server(["--trust-request-chat-template", "--drain-timeout", "0", "--public-health"], api_key=KEY)
+
+
+DEDICATED_SERVER = _launch_trusted  # started with the suite's shared server (server_support.prestart)
+
+
 @pytest.fixture(scope="module")
 def trusted():
-    server = start_server(
-        ["--trust-request-chat-template", "--drain-timeout", "0", "--public-health"], api_key=KEY
-    )
+    server = claim(__name__, _launch_trusted)
     yield server
     server.stop()
 

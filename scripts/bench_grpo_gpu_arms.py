@@ -261,6 +261,7 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
         res["global_batch"] = launch.check_batch(trainer.args, s, world)  # completions per step, all ranks
         res["vllm_lora_kernel_configs"] = _lora_kernel_configs()  # which tiles vLLM's LoRA kernels ran
         res["trainserve_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRAINSERVE_")}
+        res["vllm_lora_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_LORA_")}
         res["startup_s"] = round(time.time() - t0, 2)
         write()
         log(arm, f"trainer constructed: start-up {res['startup_s']} s (model load {res.get('model_load_s')} s)")

@@ -119,7 +119,8 @@ def run_format(a, fmt: str) -> dict:
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     model.fast_generate(prompts[:8], sampling_params=sp)
     out = {"format": fmt, **load}
-    for mode in ("live_adapter", "base"):
+    out["vllm_lora_dual_stream"] = os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0")
+    for mode in a.modes:
         def gen(mode=mode):
             if mode == "base":
                 with model.disable_adapter():
@@ -162,6 +163,11 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--util", type=float, default=0.5)
     p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--modes", nargs="+", default=["live_adapter", "base"], choices=["live_adapter", "base"],
+                   help="profile the rollout with the live adapter, inside disable_adapter() (base), or both")
+    p.add_argument("--dual-stream", nargs="+", default=["default"], choices=["default", "off", "on"],
+                   help="run each format once per setting of vLLM's VLLM_LORA_ENABLE_DUAL_STREAM (LoRA kernels "
+                        "on a second CUDA stream beside the base GEMM); default: the environment as it is")
     p.add_argument("--out")
     a = p.parse_args()
     if a.path is None:
@@ -172,18 +178,23 @@ def main() -> None:
         print("RESULT " + json.dumps(run_format(a, a.format)), flush=True)
         return
     results = []
-    for fmt in a.formats:  # one process per format: each engine owns the GPU alone
-        cmd = [sys.executable, "-P", __file__, "--format", fmt, "--path", a.path,
-               *[x for x in sys.argv[1:]]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
-        res = json.loads(line[7:]) if line else {"format": fmt, "error": (proc.stderr or proc.stdout)[-3000:]}
-        results.append(res)
-        print(json.dumps(res, indent=1)[:6000], flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"command": " ".join(["python", *sys.argv]), "shape": a.shape, "batch": a.batch,
-                       "new_tokens": a.new_tokens, "results": results}, f, indent=1)
+    for fmt in a.formats:  # one process per format and setting: each engine owns the GPU alone
+        for dual in a.dual_stream:
+            env = dict(os.environ)
+            if dual != "default":
+                env["VLLM_LORA_ENABLE_DUAL_STREAM"] = "1" if dual == "on" else "0"
+            cmd = [sys.executable, "-P", __file__, "--format", fmt, "--path", a.path,
+                   *[x for x in sys.argv[1:]]]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+            line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
+            res = json.loads(line[7:]) if line else {"format": fmt, "error": (proc.stderr or proc.stdout)[-3000:]}
+            res["dual_stream_setting"] = dual
+            results.append(res)
+            print(json.dumps(res, indent=1)[:6000], flush=True)
+            if a.out:  # after every run: a call that runs out of time keeps the runs it finished
+                with open(a.out, "w") as f:
+                    json.dump({"command": " ".join(["python", *sys.argv]), "shape": a.shape, "batch": a.batch,
+                               "new_tokens": a.new_tokens, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -379,7 +379,7 @@ def test_smoke_run_through_bench_grpo_device_cuda(tmp_path):
     assert run["rollout_tokens_per_s"] > 0 and 0 < run["completion_length_mean"] <= 8
     assert (tmp_path / "copy" / path.name).exists() and "| trainserve_bf16 |" in proc.stdout
     assert all(sum(step["mlp_gate_up"].values()) > 0 for step in run["steps"])  # training forwards counted
-    assert isinstance(run["trainserve_env"], dict)
+    assert isinstance(run["trainserve_env"], dict) and isinstance(run["vllm_lora_env"], dict)
 
 
 def test_attention_kinds_are_reported_per_step_for_trainserve_arms(monkeypatch) -> None:

@@ -81,6 +81,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self.steps = 0
         self.fatal: BaseException | None = None
+        self._in_job = False  # a job is running (guarded by the lock): see _run_jobs
 
     # ------------------------------------------------------------------ jobs
     @property
@@ -111,6 +112,18 @@ class EngineLoop:
         self._lock.release()
 
     def _run_jobs(self) -> None:
+        """Run the queued jobs one after the other (the caller holds the lock).
+
+        Not re-entrant: a job that itself calls :meth:`call` (or :meth:`submit`, which does) runs
+        that inner function at once, and the other queued jobs wait until the whole job is done.
+        Why: a job is one atomic step of its caller's between-steps work. The server resolves a
+        model name to an adapter version and submits the request in one job; run inside it, a
+        reload's "is this version still in use?" check saw no request yet, its ``remove_lora``
+        then ran before the next prompt of the same job, the version's files were deleted, and
+        the engine died loading them for a request already admitted (a CI run of
+        ``tests/test_server_concurrency.py``, 2026-12-02)."""
+        if self._in_job:
+            return
         while True:
             try:
                 fn, future = self._jobs.get_nowait()
@@ -118,10 +131,13 @@ class EngineLoop:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
+            self._in_job = True
             try:
                 future.set_result(fn())
             except BaseException as exc:  # handed to the waiting caller
                 future.set_exception(exc)
+            finally:
+                self._in_job = False
 
     # -------------------------------------------------------------- requests
     def submit(

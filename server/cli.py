@@ -120,7 +120,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, serve until SIGTERM/SIGINT, drain; exit 0, or 1 when the drain timed out.
+    """Load the model, serve until SIGTERM/SIGINT, drain; exit 0, or 1 when the drain timed out or the
+    engine stopped (an internal engine error: the running requests got it, and the process exits).
 
     Quiet by default, like ``trainserve grpo``: ``configure_logging`` runs before vLLM is imported
     (vLLM reads its log level once, at import), other libraries' records below WARNING are dropped,
@@ -202,13 +203,17 @@ def run(args: argparse.Namespace) -> int:
         )
 
     uvicorn_level = args.log_level if verbose else max(args.log_level, "warning", key=_LEVELS.index)
-    server = make_server(state, args.host, args.port, log_level=uvicorn_level, on_started=announce)
+    server = make_server(state, args.host, args.port, log_level=uvicorn_level, on_started=announce,
+                         exit_on_engine_death=True)
     try:
         server.run()
     finally:
         state.close()
         state.loop.stop_background(drain=True)
     if not server.started:
+        return 1
+    if server.engine_died:  # its requests were failed; exit non-zero so a supervisor restarts the server
+        print(f"trainserve serve: the engine stopped: {state.loop.fatal!r}", file=sys.stderr)
         return 1
     if server.drained_cleanly is False:  # requests were cut off: not a clean exit
         logger.warning("stopped: the drain timed out with requests still running")

@@ -2,6 +2,11 @@
 accepting connections, answer 503 to new requests on open connections, let every running request
 finish (streams included), then exit. A second SIGINT/SIGTERM exits at once.
 
+With ``exit_on_engine_death`` (``trainserve serve``) the server also stops when the engine loop has
+failed: the loop has already failed every running request, nothing can be served any more, and a
+process that stays up answering 503 is only restarted by supervisors that probe ``/health``
+(``vllm serve`` exits too). A server inside a training process leaves that choice to the process.
+
 uvicorn's own handler is not used: it makes sse-starlette cut open streams at the first signal,
 and it re-raises the signal after shutdown, so the process would not exit with status 0.
 """
@@ -33,13 +38,16 @@ class GracefulServer(uvicorn.Server):
         config: uvicorn.Config,
         state: ServerState,
         on_started: Callable[[GracefulServer], None] | None = None,
+        exit_on_engine_death: bool = False,
     ):
         super().__init__(config)
         self.state = state
         self.on_started = on_started
+        self.exit_on_engine_death = exit_on_engine_death
         self._aio: asyncio.AbstractEventLoop | None = None
         self._drain_started = False
         self.drained_cleanly: bool | None = None
+        self.engine_died = False
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
         self._aio = asyncio.get_running_loop()
@@ -51,6 +59,15 @@ class GracefulServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started and self.on_started is not None:
             self.on_started(self)
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's 0.1 s tick: also stop once the engine loop has failed (``exit_on_engine_death``)."""
+        fatal = self.state.loop.fatal
+        if self.exit_on_engine_death and fatal is not None and not self.engine_died:
+            logger.error("the engine stopped (%r): exiting, so that a supervisor can start the server again", fatal)
+            self.engine_died = True
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -118,9 +135,10 @@ def make_server(
     log_level: str = "warning",
     threaded: bool = False,
     on_started: Callable[[GracefulServer], None] | None = None,
+    exit_on_engine_death: bool = False,
 ) -> GracefulServer:
     """A server for ``state``'s app. ``threaded`` (run in a background thread) keeps the asyncio
-    event-loop policy of the process untouched."""
+    event-loop policy of the process untouched; ``exit_on_engine_death``: see the module docstring."""
     config = uvicorn.Config(
         create_app(state),
         host=host,
@@ -132,7 +150,7 @@ def make_server(
         timeout_graceful_shutdown=10,
         timeout_keep_alive=5,
     )
-    return GracefulServer(config, state, on_started)
+    return GracefulServer(config, state, on_started, exit_on_engine_death)
 
 
 def url_of(host: str, port: int) -> str:

@@ -176,3 +176,23 @@ def test_empty_api_key_is_refused_by_model_serve():
         serve_model(object(), api_key="")
     with pytest.raises(ValueError, match="empty"):
         ServerConfig("m", api_key="")
+
+
+@pytest.mark.parametrize("exit_on_engine_death", [True, False])
+def test_a_dead_engine_stops_the_standalone_server_only(exit_on_engine_death):
+    """`trainserve serve` exits once the engine loop has failed (its requests already got the error;
+    nothing can be served), so a supervisor restarts it; a server inside a training process stays up
+    (its routes and /health answer 503 engine_dead) and leaves the choice to that process."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import uvicorn
+    from trainserve.server.runner import GracefulServer
+
+    state = SimpleNamespace(loop=SimpleNamespace(fatal=None))
+    server = GracefulServer(uvicorn.Config(app=lambda scope, receive, send: None), state,
+                            exit_on_engine_death=exit_on_engine_death)
+    assert asyncio.run(server.on_tick(1)) is False and not server.engine_died
+    state.loop.fatal = RuntimeError("Loading lora x@v7 failed")
+    assert asyncio.run(server.on_tick(1)) is exit_on_engine_death
+    assert server.engine_died is exit_on_engine_death and server.should_exit is exit_on_engine_death

@@ -16,9 +16,9 @@ import threading
 from pathlib import Path
 
 from trainserve.server.errors import APIError
-from trainserve.server.models import ModelTable
+from trainserve.server.models import ADAPTER_FILES, ModelTable
 
-from trainserve.adapters import ADAPTER_FILES, AdapterError
+from trainserve.adapters import AdapterError
 
 logger = logging.getLogger("trainserve.server")
 

@@ -12,10 +12,7 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,42 +54,6 @@ def resolve_in_dir(base_dir: str | os.PathLike, path: str | os.PathLike) -> Path
     if resolved != base and base not in resolved.parents:
         raise AdapterError(f"adapter path {str(path)!r} is outside the adapters directory {str(base)!r}")
     return resolved
-
-
-#: The files of a PEFT LoRA directory that vLLM reads (and :func:`snapshot_adapter` copies).
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def snapshot_adapter(source: str | os.PathLike, parent: str | os.PathLike, confine_to: str | None = None) -> str:
-    """Copy the adapter's files into a new private directory under ``parent`` and return it.
-
-    Why: vLLM reads an adapter from its path again whenever it has dropped it from its CPU cache
-    (``max_cpu_loras``, least recently used first). By then the files there may have been
-    overwritten (``save_lora`` to the same directory after every epoch) or deleted, and the engine
-    would serve other weights under the old request, or fail inside an engine step. A private copy
-    stays what was validated for as long as its request is served. ``confine_to``: refuse files
-    that resolve outside that directory (the server's adapters dir; links included)."""
-    source = Path(source)
-    if not source.is_dir():
-        raise AdapterError(f"adapter directory {str(source)!r} does not exist")
-    target = tempfile.mkdtemp(prefix="v-", dir=parent)
-    try:
-        for fname in ADAPTER_FILES:
-            src = source / fname
-            if not src.exists():
-                continue
-            if confine_to is not None:
-                src = resolve_in_dir(confine_to, src)
-            if not src.is_file():
-                raise AdapterError(f"{fname} in {str(source)!r} is not a regular file")
-            shutil.copyfile(src, os.path.join(target, fname))
-    except OSError as exc:
-        shutil.rmtree(target, ignore_errors=True)
-        raise AdapterError(f"cannot read the adapter at {str(source)!r}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
-    return target
 
 
 def _module_dims(config: Any) -> dict[str, tuple[int, int]]:
@@ -306,46 +267,23 @@ class AdapterRegistry:
         self._unloaded: set[int] = set()
         self._issued: dict[int, str] = {}  # lora_int_id → lora_path of each request load() handed out
         self._lock = threading.Lock()
-        # Private copies of loaded adapters (see snapshot_adapter), removed with the registry.
-        self._snapshots = tempfile.mkdtemp(prefix="trainserve-lora-")
-        self._remove_snapshots = weakref.finalize(self, shutil.rmtree, self._snapshots, True)
-        self._snapshot_of: dict[int, str] = {}
 
-    def load(self, path: str | os.PathLike, name: str | None = None, snapshot: bool = True) -> Any:
-        """Validate and register the adapter at ``path``; same content → same request (and id).
-
-        ``snapshot``: serve a private copy of the files (:func:`snapshot_adapter`); a caller that
-        hands over a private copy of its own (the server does) passes False."""
+    def load(self, path: str | os.PathLike, name: str | None = None) -> Any:
+        """Validate and register the adapter at ``path``; same content → same request (and id)."""
         from vllm.lora.request import LoRARequest
 
-        root = snapshot_adapter(path, self._snapshots) if snapshot else str(path)
-        keep = not snapshot  # whether ``root`` stays when this call ends (a served copy, or not ours)
-        try:
-            try:
-                info = validate_adapter_dir(root, self.config, self.engine.spec.max_lora_rank, self.engine.spec.dtype)
-            except AdapterError as exc:  # name the caller's directory, not the copy
-                if not snapshot:
-                    raise
-                message = str(exc).replace(str(Path(root).resolve()), str(path)).replace(root, str(path))
-                raise AdapterError(message) from exc
-            with self._lock:
-                known = self._by_digest.get(info.digest)
-                if known is not None and (name is None or known.lora_name == name):
-                    return known
-                label = name or f"{Path(path).resolve().name}@{info.digest[:8]}"
-                request = LoRARequest(label, next(self._ids), info.path)
-                self._issued[request.lora_int_id] = request.lora_path
-            # Not under the lock: a between-steps job that used the registry would otherwise deadlock.
-            self.engine.loop.call(lambda: self.engine.llm.llm_engine.add_lora(request))
-            with self._lock:
-                self._by_digest.setdefault(info.digest, request)
-                if snapshot:
-                    self._snapshot_of[request.lora_int_id] = root
-            keep = True
-            return request
-        finally:
-            if not keep:
-                shutil.rmtree(root, ignore_errors=True)
+        info = validate_adapter_dir(path, self.config, self.engine.spec.max_lora_rank, self.engine.spec.dtype)
+        with self._lock:
+            known = self._by_digest.get(info.digest)
+            if known is not None and (name is None or known.lora_name == name):
+                return known
+            request = LoRARequest(name or f"{Path(info.path).name}@{info.digest[:8]}", next(self._ids), info.path)
+            self._issued[request.lora_int_id] = request.lora_path
+        # Not under the lock: a between-steps job that used the registry would otherwise deadlock.
+        self.engine.loop.call(lambda: self.engine.llm.llm_engine.add_lora(request))
+        with self._lock:
+            self._by_digest.setdefault(info.digest, request)
+        return request
 
     def unload(self, request: Any) -> None:
         """Remove an adapter from the engine (requests already running finish first)."""
@@ -353,10 +291,6 @@ class AdapterRegistry:
             self._by_digest = {d: r for d, r in self._by_digest.items() if r.lora_int_id != request.lora_int_id}
             self._unloaded.add(request.lora_int_id)
         self.engine.loop.call(lambda: self.engine.llm.llm_engine.remove_lora(request.lora_int_id))
-        with self._lock:
-            copy = self._snapshot_of.pop(request.lora_int_id, None)
-        if copy is not None:
-            shutil.rmtree(copy, ignore_errors=True)
 
     def check_usable(self, request: Any) -> None:
         """Refuse a ``lora_request`` that :meth:`load` did not hand out, or whose adapter was unloaded (vLLM

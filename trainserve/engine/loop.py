@@ -119,8 +119,8 @@ class EngineLoop:
         Why: a job is one atomic step of its caller's between-steps work. The server resolves a
         model name to an adapter version and submits the request in one job; run inside it, a
         reload's "is this version still in use?" check saw no request yet, its ``remove_lora``
-        then ran before the next prompt of the same job, the version's files were deleted, and
-        the engine died loading them for a request already admitted (a CI run of
+        then ran once the request was admitted, the version's files were deleted, and the engine
+        died loading them for that request (a CI run of
         ``tests/test_server_concurrency.py``, 2026-12-02)."""
         if self._in_job:
             return

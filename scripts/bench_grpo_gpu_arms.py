@@ -266,6 +266,10 @@ def run(arm: str, s: dict[str, Any], result_path: str, t0: float) -> int:
         write()
         log(arm, f"trainer constructed: start-up {res['startup_s']} s (model load {res.get('model_load_s')} s)")
         train(trainer, arm, s, res, sampler, cuda, write)
+        walks = getattr(trainer, "_walks", None)  # trainserve: did the per-micro-batch module walks move?
+        if walks is not None:
+            res["module_walks"] = {"elided_train_calls": walks.elided_train_calls,
+                                   "cached_parameter_calls": walks.cached_parameter_calls}
         res.update(summarise(res, s), ok=True, partial=False)
         if not any(x.get("rollout_s") for x in res["steps"]):
             res["rollout_note"] = "the generation hook was never called: no rollout timing"

@@ -380,6 +380,7 @@ def test_smoke_run_through_bench_grpo_device_cuda(tmp_path):
     assert (tmp_path / "copy" / path.name).exists() and "| trainserve_bf16 |" in proc.stdout
     assert all(sum(step["mlp_gate_up"].values()) > 0 for step in run["steps"])  # training forwards counted
     assert isinstance(run["trainserve_env"], dict) and isinstance(run["vllm_lora_env"], dict)
+    assert run["module_walks"]["elided_train_calls"] >= 1 and run["module_walks"]["cached_parameter_calls"] >= 1
 
 
 def test_attention_kinds_are_reported_per_step_for_trainserve_arms(monkeypatch) -> None:

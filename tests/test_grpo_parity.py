@@ -61,9 +61,13 @@ def test_engine_logprobs_match_trainer_after_one_step(tmp_path):
     prompt_ids = [p for text in prompts for p in [tok(text)["input_ids"]] * 2]  # 2 samples per prompt
     trainer.model.eval()
     version = live.version
+    trainer.off_policy_mask_threshold = 0.5  # TRL's off-policy mask reads the engine's logprobs: asked for
     completions, engine_logps = trainer._generate_single_turn(prompt_ids, None, {}, 2)  # the rollout hook
     assert live.version == version + 1 and live.served_version == live.version  # synced the new weights
     assert len(completions) == 4 and all(completions)
+    trainer.off_policy_mask_threshold = None  # nothing else in (non-overlapped) GRPO reads them: not computed
+    again, no_logps = trainer._generate_single_turn(prompt_ids, None, {}, 2)
+    assert no_logps is None and len(again) == 4 and all(again)
 
     engine_vs_new, old_vs_new = [], []
     for prompt, completion, logps in zip(prompt_ids, completions, engine_logps, strict=True):

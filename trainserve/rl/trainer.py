@@ -33,6 +33,7 @@ from trainserve.distributed import prepare_trainer_args
 from trainserve.model_api import state_of
 from trainserve.rl import checkpoint as ckpt
 from trainserve.rl.kv_budget import KVPrefetchAtStepEnd, advise_kv_cache
+from trainserve.rl.module_walks import ModuleWalkCache
 from trainserve.rl.overlap import EngineBatch, OneStepOff, RolloutRecord
 from trainserve.rl.overlap_checks import check_overlap
 from trainserve.rl.rewards import check_model_rewards, checked_reward_func
@@ -154,6 +155,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._fast_model = model if state is not None else None
         self._seed_step, self._seed_calls = -1, 0
         self._version_offset = 0  # resumed runs: the adapter_version metric continues the saved run's count
+        self._walks = ModuleWalkCache()
         super().__init__(
             model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class,
@@ -192,6 +194,20 @@ class GRPOTrainer(trl.GRPOTrainer):
             return super().train(*args, **kwargs)
         with self._overlap.session():
             return super().train(*args, **kwargs)
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """TRL's training step, with the module walks transformers repeats per micro-batch moved to
+        the moment after ``backward()`` returns, when the GPU still has the backward queued (see
+        :mod:`trainserve.rl.module_walks`)."""
+        with self._walks.train_call_elided(model):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._walks.refresh(model)
+        return loss
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        """transformers' gradient clip, given the parameter list walked after this micro-batch's backward."""
+        with self._walks.parameters_cached(model):
+            return super()._clip_grad_norm(model)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """With overlap, also look at the next optimizer step's prompts (to generate them ahead)."""
@@ -238,18 +254,28 @@ class GRPOTrainer(trl.GRPOTrainer):
         kwargs: dict[str, Any] = dict(
             n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
             min_p=0.0 if self.min_p is None else self.min_p, repetition_penalty=self.repetition_penalty,
-            max_tokens=self.max_completion_length, logprobs=0, stop_token_ids=list(self.eos_token_ids),
+            max_tokens=self.max_completion_length, stop_token_ids=list(self.eos_token_ids),
             seed=seed, detokenize=False,  # TRL decodes completion ids itself; the engine need not
         )
+        if self._uses_sampled_logprobs():
+            kwargs["logprobs"] = 0  # the sampled token's logprob only
         kwargs.update(self.args.generation_kwargs or {})
         # FINAL_ONLY: the engine aggregates the n samples of a request into one output.
         kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
         return SamplingParams(**kwargs)
 
+    def _uses_sampled_logprobs(self) -> bool:
+        """Whether TRL reads the engine's per-token logprobs: its importance-sampling correction
+        (``use_vllm``, set by ``overlap=True``) and the off-policy mask do; nothing else in GRPO does.
+        Why ask only then: the engine computes a log-softmax over the vocabulary per token for them,
+        and 64 × 256 logprobs become Python floats here and a tensor in TRL, on the host, while the
+        GPU waits between the rollout and the training forward."""
+        return bool(self.use_vllm) or getattr(self, "off_policy_mask_threshold", None) is not None
+
     def _generate_single_turn(
         self, prompt_ids: Any, images: Any, multimodal_fields: Any, num_generations: int,
         has_tool_images: bool = False,
-    ) -> tuple[list[list[int]], list[list[float | None]]]:
+    ) -> tuple[list[list[int]], list[list[float | None]] | None]:
         """Sample completions for ``prompt_ids`` with the colocated engine and the adapter as trained now."""
         if self._engine_state is None:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
@@ -268,7 +294,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         t0 = time.perf_counter()
         outputs = self._fast_model.fast_generate(batch.prompts, sampling_params=batch.params)
         seconds = time.perf_counter() - t0
-        completion_ids, logprobs = self._unpack(outputs, batch)
+        completion_ids, logprobs = self._unpack(outputs, batch, self._uses_sampled_logprobs())
         mode = "train" if self.model.training else "eval"
         tokens = sum(len(c) for c in completion_ids)
         self._metrics[mode]["rollout/tokens_per_s"].append(tokens / max(seconds, 1e-9))
@@ -302,7 +328,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         step = self.state.global_step
         batch = self._engine_batch(prompt_ids, num_generations, step, call=0)
         outputs, record = self._overlap.rollout(batch, step, self.state.max_steps)
-        completion_ids, logprobs = self._unpack(outputs, batch)
+        completion_ids, logprobs = self._unpack(outputs, batch, True)
         metrics = self._metrics["train"]
         metrics["rollout/tokens_per_s"].append(sum(len(c) for c in completion_ids) / max(record.generate_seconds, 1e-9))
         metrics["rollout/seconds"].append(record.generate_seconds)
@@ -315,8 +341,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         return completion_ids, logprobs
 
     @staticmethod
-    def _unpack(outputs: list[Any], batch: EngineBatch) -> tuple[list[list[int]], list[list[float | None]]]:
-        """Completion ids and sampled-token logprobs in TRL's order (each group's samples by index)."""
+    def _unpack(outputs: list[Any], batch: EngineBatch,
+                with_logprobs: bool) -> tuple[list[list[int]], list[list[float | None]] | None]:
+        """Completion ids and (``with_logprobs``) sampled-token logprobs in TRL's order (each group's
+        samples by index); None for the logprobs otherwise, as TRL's own transformers generation returns."""
         completion_ids: list[list[int]] = []
         logprobs: list[list[float | None]] = []
         for output, n in zip(outputs, batch.counts, strict=True):
@@ -325,8 +353,9 @@ class GRPOTrainer(trl.GRPOTrainer):
                 raise RuntimeError(f"the engine returned {len(samples)} completions for a prompt, not {n}")
             for sample in samples:
                 completion_ids.append(list(sample.token_ids))
-                logprobs.append(_sampled_logprobs(sample))
-        return completion_ids, logprobs
+                if with_logprobs:
+                    logprobs.append(_sampled_logprobs(sample))
+        return completion_ids, (logprobs if with_logprobs else None)
 
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any,

@@ -16,9 +16,9 @@ import threading
 from pathlib import Path
 
 from trainserve.server.errors import APIError
-from trainserve.server.models import ADAPTER_FILES, ModelTable
+from trainserve.server.models import ModelTable
 
-from trainserve.adapters import AdapterError
+from trainserve.adapter_paths import ADAPTER_FILES, AdapterError
 
 logger = logging.getLogger("trainserve.server")
 

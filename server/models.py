@@ -26,12 +26,12 @@ from typing import Any
 
 from trainserve.server.errors import APIError
 
-from trainserve.adapters import AdapterError, resolve_in_dir, validate_adapter_dir
+from trainserve.adapter_paths import AdapterError, resolve_in_dir, snapshot_adapter
+from trainserve.adapters import validate_adapter_dir
 
 logger = logging.getLogger("trainserve.server")
 
 LIVE_NAME = "live"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$")
 
 
@@ -160,26 +160,7 @@ class ModelTable:
 
     def _snapshot(self, source: Path, confine_to: str | None) -> str:
         """Copy the adapter's files into a private directory (refusing links that leave ``confine_to``)."""
-        if not source.is_dir():
-            raise AdapterError(f"adapter directory {str(source)!r} does not exist")
-        target = tempfile.mkdtemp(prefix="v-", dir=self._snapshots)
-        try:
-            for fname in ADAPTER_FILES:
-                src = source / fname
-                if not src.exists():
-                    continue
-                if confine_to is not None:
-                    src = resolve_in_dir(confine_to, src)
-                if not src.is_file():
-                    raise AdapterError(f"{fname} in {str(source)!r} is not a regular file")
-                shutil.copyfile(src, os.path.join(target, fname))
-        except OSError as exc:
-            shutil.rmtree(target, ignore_errors=True)
-            raise AdapterError(f"cannot read the adapter at {str(source)!r}: {exc}") from exc
-        except BaseException:
-            shutil.rmtree(target, ignore_errors=True)
-            raise
-        return target
+        return snapshot_adapter(source, self._snapshots, confine_to)
 
     def load(
         self,
@@ -251,7 +232,7 @@ class ModelTable:
                     return existing, False
                 version = self._next_version.get(name, 0) + 1
                 try:
-                    request = self.engine.adapters.load(snap, name=f"{name}@v{version}")
+                    request = self.engine.adapters.load(snap, name=f"{name}@v{version}", copy=False)
                 except AdapterError:
                     raise
                 except Exception as exc:  # vLLM refused it in add_lora: still the adapter's fault

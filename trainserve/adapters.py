@@ -12,10 +12,15 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from trainserve.adapter_copies import AdapterCopies
+from trainserve.adapter_paths import AdapterError
 
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Modules the base model has but the engine serves no LoRA on (named so, not "unknown").
@@ -34,26 +39,12 @@ def unsupported_targets_message(names: list[str]) -> str:
     return f"{'; '.join(parts)}; supported target modules: {list(SUPPORTED_TARGETS)}"
 
 
-class AdapterError(ValueError):
-    """An adapter directory that cannot be served; the message says why."""
-
-
 @dataclass(frozen=True)
 class AdapterInfo:
     path: str
     rank: int
     target_modules: tuple[str, ...]
     digest: str
-
-
-def resolve_in_dir(base_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Resolve ``path`` (absolute or relative to ``base_dir``) and refuse anything outside it."""
-    base = Path(base_dir).resolve()
-    candidate = Path(path)
-    resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
-    if resolved != base and base not in resolved.parents:
-        raise AdapterError(f"adapter path {str(path)!r} is outside the adapters directory {str(base)!r}")
-    return resolved
 
 
 def _module_dims(config: Any) -> dict[str, tuple[int, int]]:
@@ -257,9 +248,13 @@ def _validate_adapter_dir(
 
 
 class AdapterRegistry:
-    """Hands out one vLLM ``LoRARequest`` per distinct adapter content and registers it with the engine."""
+    """Hands out one vLLM ``LoRARequest`` per distinct adapter content and registers it with the engine.
 
-    def __init__(self, engine: Any, config: Any):
+    The engine reads each adapter from a private copy made and validated at :meth:`load`, not from
+    the caller's directory (see :mod:`trainserve.adapter_copies`): files saved there later never
+    reach a request that was loaded before."""
+
+    def __init__(self, engine: Any, config: Any, keep_copies: int = 16):
         self.engine = engine
         self.config = config
         self._ids = itertools.count(1)
@@ -267,22 +262,62 @@ class AdapterRegistry:
         self._unloaded: set[int] = set()
         self._issued: dict[int, str] = {}  # lora_int_id → lora_path of each request load() handed out
         self._lock = threading.Lock()
+        self.copies = AdapterCopies(keep_copies, self._digest, engine.loop.in_use_lora_ids)
+        engine.loop.before_submit = self._before_submit
 
-    def load(self, path: str | os.PathLike, name: str | None = None) -> Any:
-        """Validate and register the adapter at ``path``; same content → same request (and id)."""
+    def _digest(self, path: str) -> str:
+        return validate_adapter_dir(path, self.config, self.engine.spec.max_lora_rank, self.engine.spec.dtype).digest
+
+    def _before_submit(self, request: Any) -> None:
+        """Between engine steps, in the job that submits ``request``: its copy is there for vLLM to read."""
+        self.copies.ensure(request.lora_int_id)
+
+    def load(self, path: str | os.PathLike, name: str | None = None, copy: bool = True) -> Any:
+        """Validate and register the adapter at ``path``; same content → same request (and id).
+
+        The files are copied first, and the copy is what is validated and served. ``copy=False``:
+        the engine reads ``path`` itself, for a caller that hands over a private directory whose
+        lifetime it manages (the server's snapshots)."""
+        if not copy:
+            info = validate_adapter_dir(path, self.config, self.engine.spec.max_lora_rank, self.engine.spec.dtype)
+            return self._register(info.digest, name, Path(info.path).name, lambda _id: info.path)
+        staged, digest = self.copies.stage(path)
+        try:
+            request = self._register(digest, name, Path(path).resolve().name, self.copies.path_for,
+                                     lambda lora_id: self.copies.adopt(lora_id, staged, path, digest))
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)  # gone already once adopted
+        self.engine.loop.call(self.copies.trim)
+        return request
+
+    def _register(self, digest: str, name: str | None, dir_name: str, path_for: Callable[[int], str],
+                  place: Callable[[int], None] | None = None) -> Any:
+        """The request for ``digest`` (a known one unless ``name`` differs), registered with the engine;
+        ``place(id)`` puts the files where ``path_for(id)`` says before the engine reads them."""
         from vllm.lora.request import LoRARequest
 
-        info = validate_adapter_dir(path, self.config, self.engine.spec.max_lora_rank, self.engine.spec.dtype)
         with self._lock:
-            known = self._by_digest.get(info.digest)
+            known = self._by_digest.get(digest)
             if known is not None and (name is None or known.lora_name == name):
-                return known
-            request = LoRARequest(name or f"{Path(info.path).name}@{info.digest[:8]}", next(self._ids), info.path)
-            self._issued[request.lora_int_id] = request.lora_path
+                request, new = known, False
+            else:
+                lora_id = next(self._ids)
+                request, new = LoRARequest(name or f"{dir_name}@{digest[:8]}", lora_id, path_for(lora_id)), True
+                self._issued[lora_id] = request.lora_path
+        if place is not None:
+            place(request.lora_int_id)
+        if not new:
+            return request
         # Not under the lock: a between-steps job that used the registry would otherwise deadlock.
-        self.engine.loop.call(lambda: self.engine.llm.llm_engine.add_lora(request))
+        try:
+            self.engine.loop.call(lambda: self.engine.llm.llm_engine.add_lora(request))
+        except BaseException:
+            with self._lock:
+                self._issued.pop(request.lora_int_id, None)
+            self.copies.forget(request.lora_int_id)
+            raise
         with self._lock:
-            self._by_digest.setdefault(info.digest, request)
+            self._by_digest.setdefault(digest, request)
         return request
 
     def unload(self, request: Any) -> None:
@@ -291,6 +326,8 @@ class AdapterRegistry:
             self._by_digest = {d: r for d, r in self._by_digest.items() if r.lora_int_id != request.lora_int_id}
             self._unloaded.add(request.lora_int_id)
         self.engine.loop.call(lambda: self.engine.llm.llm_engine.remove_lora(request.lora_int_id))
+        self.copies.forget(request.lora_int_id)
+        self.engine.loop.call(self.copies.trim)
 
     def check_usable(self, request: Any) -> None:
         """Refuse a ``lora_request`` that :meth:`load` did not hand out, or whose adapter was unloaded (vLLM

@@ -82,6 +82,9 @@ class EngineLoop:
         self.steps = 0
         self.fatal: BaseException | None = None
         self._in_job = False  # a job is running (guarded by the lock): see _run_jobs
+        # Called with a request's LoRARequest in the job that submits it, before vLLM sees it (the
+        # adapter registry makes sure the files vLLM may read are there; it may refuse the request).
+        self.before_submit: Callable[[Any], None] | None = None
 
     # ------------------------------------------------------------------ jobs
     @property
@@ -155,6 +158,8 @@ class EngineLoop:
         stream = RequestStream(request_id, lora_id, on_output)
 
         def add() -> None:
+            if lora_request is not None and self.before_submit is not None:
+                self.before_submit(lora_request)  # may refuse the request; nothing is queued then
             self._streams[request_id] = stream
             try:
                 self.engine.add_request(request_id, prompt, params, lora_request=lora_request)

@@ -196,9 +196,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             return super().train(*args, **kwargs)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-        """TRL's training step, with the module walks transformers repeats per micro-batch moved to
-        the moment after ``backward()`` returns, when the GPU still has the backward queued (see
-        :mod:`trainserve.rl.module_walks`)."""
+        """TRL's training step; transformers' per-micro-batch module walks happen after ``backward()``
+        returns, with the backward still queued on the GPU (:mod:`trainserve.rl.module_walks`)."""
         with self._walks.train_call_elided(model):
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._walks.refresh(model)
@@ -265,11 +264,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         return SamplingParams(**kwargs)
 
     def _uses_sampled_logprobs(self) -> bool:
-        """Whether TRL reads the engine's per-token logprobs: its importance-sampling correction
-        (``use_vllm``, set by ``overlap=True``) and the off-policy mask do; nothing else in GRPO does.
-        Why ask only then: the engine computes a log-softmax over the vocabulary per token for them,
-        and 64 × 256 logprobs become Python floats here and a tensor in TRL, on the host, while the
-        GPU waits between the rollout and the training forward."""
+        """Whether TRL reads the engine's per-token logprobs (its IS correction, ``use_vllm``, set by
+        ``overlap=True``; the off-policy mask). Otherwise they cost a vocabulary log-softmax per token
+        and, on the host with the GPU idle, 64 × 256 Python floats and a tensor nobody reads."""
         return bool(self.use_vllm) or getattr(self, "off_policy_mask_threshold", None) is not None
 
     def _generate_single_turn(

@@ -64,6 +64,22 @@ def test_train_false_and_other_models_are_never_elided():
     assert all(_modes(other)) and cache.elided_train_calls == 0
 
 
+def test_a_module_whose_train_does_more_than_set_flags_always_gets_the_call():
+    calls = []
+
+    class Cached(nn.Linear):  # like peft's DoRA layers, which clear a cache in train()
+        def train(self, mode: bool = True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model, cache = nn.Sequential(nn.Linear(2, 2), Cached(2, 2)), ModuleWalkCache()
+    model.train()
+    cache.refresh(model)
+    with cache.train_call_elided(model):
+        model.train()
+    assert calls == [True, True] and cache.elided_train_calls == 0
+
+
 def test_cached_parameters_are_the_models_and_the_override_is_removed():
     model, cache = _model(), ModuleWalkCache()
     expected = list(model.parameters())

@@ -18,12 +18,15 @@ change a result: ``train()`` is only elided when every cached module is already 
 (an ``eval()`` anywhere in between, on the model or on any submodule, makes it walk as before), and
 the clip sees the same parameters in the same order. A module attached after the refresh is missed
 by the check only if it was also switched to eval mode since; modules are created in training
-mode. The elisions are one-shot instance attributes (``model.train`` / ``model.parameters``),
-removed before the wrapped Trainer call returns, so the model behaves as usual everywhere else.
+mode. A model with a module whose ``train()`` does more than set flags (peft's DoRA layers clear a
+cache in it) always gets the real call. The elisions are one-shot instance attributes
+(``model.train`` / ``model.parameters``), removed before the wrapped Trainer call returns, so the
+model behaves as usual everywhere else.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -40,6 +43,7 @@ class ModuleWalkCache:
         self._model: torch.nn.Module | None = None
         self._modules: list[torch.nn.Module] = []
         self._parameters: list[torch.nn.Parameter] = []
+        self._flags_only = False
         self.elided_train_calls = 0  # counters, for tests and benchmarks
         self.cached_parameter_calls = 0
 
@@ -48,10 +52,16 @@ class ModuleWalkCache:
         self._model = model
         self._modules = list(model.modules())
         self._parameters = list(model.parameters())
+        # A module class whose train() does more than set flags (peft's DoRA layers clear a cache)
+        # must get its call: no elision for such a model.
+        safe = _flag_setting_trains()
+        self._flags_only = all(getattr(t, "train", None) in safe for t in {type(m) for m in self._modules})
 
     def all_training(self, model: torch.nn.Module) -> bool:
-        """True if ``model`` is the cached model and every cached module is in training mode."""
-        return self._model is model and bool(self._modules) and all(m.training for m in self._modules)
+        """True if ``model`` is the cached model, only sets flags in ``train()``, and every cached
+        module is in training mode."""
+        return (self._model is model and self._flags_only and bool(self._modules)
+                and all(m.training for m in self._modules))
 
     @contextmanager
     def train_call_elided(self, model: torch.nn.Module) -> Iterator[None]:
@@ -87,6 +97,20 @@ class ModuleWalkCache:
 
         with _instance_attribute(model, "parameters", cached_parameters):
             yield
+
+
+@functools.cache
+def _flag_setting_trains() -> frozenset[Any]:
+    """``train`` methods that only set ``training`` flags when the mode does not change: torch's, and
+    the overrides of transformers (which re-applies kernels on a mode change only) and DDP."""
+    trains: set[Any] = {torch.nn.Module.train, torch.nn.parallel.DistributedDataParallel.train}
+    try:
+        from transformers import PreTrainedModel
+
+        trains.add(PreTrainedModel.train)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return frozenset(trains)
 
 
 @contextmanager

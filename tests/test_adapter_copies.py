@@ -113,13 +113,15 @@ def test_a_copy_in_use_is_never_dropped(model, tmp_path):
         try:
             _randomise(model, 6)
             model.save_lora(tmp_path / "d")
-            model.load_lora(tmp_path / "d")
+            d = model.load_lora(tmp_path / "d")
+            assert os.path.isdir(c.lora_path)
+            state_of(model).registry.unload(c)  # unloaded while a request still runs on it
             assert os.path.isdir(c.lora_path)
         finally:
             engine.loop.in_use_lora_ids = busy
             copies._in_use = busy
         engine.loop.call(copies.trim)
-        assert copies.count() == 1
+        assert not os.path.isdir(c.lora_path) and os.path.isdir(d.lora_path) and copies.count() == 1
     finally:
         copies.keep = keep
 

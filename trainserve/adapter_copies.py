@@ -48,6 +48,7 @@ class AdapterCopies:
         self._remove_root = weakref.finalize(self, shutil.rmtree, self.root, True)
         self._sources: dict[int, tuple[str, str]] = {}  # id → (directory loaded from, digest)
         self._present: OrderedDict[int, None] = OrderedDict()  # ids with a copy, least recently used first
+        self._doomed: set[int] = set()  # forgotten ids whose copy is still there
         self._lock = threading.Lock()
         self.remade = 0  # copies made again after a drop (for tests and logs)
 
@@ -82,13 +83,15 @@ class AdapterCopies:
                 os.replace(staged, target)
             self._present[lora_id] = None
             self._present.move_to_end(lora_id)
+            self._doomed.discard(lora_id)
 
     def forget(self, lora_id: int) -> None:
-        """Drop ``lora_id`` for good (its adapter was unloaded)."""
+        """``lora_id`` is never made again; its copy goes at the next :meth:`trim` that finds no
+        unfinished request using it (one still running may need vLLM to read it again)."""
         with self._lock:
             self._sources.pop(lora_id, None)
-            self._present.pop(lora_id, None)
-        shutil.rmtree(self.path_for(lora_id), ignore_errors=True)
+            if lora_id in self._present:
+                self._doomed.add(lora_id)
 
     def ensure(self, lora_id: int) -> None:
         """Before a request with ``lora_id`` is submitted (between engine steps): its copy exists, made
@@ -121,14 +124,16 @@ class AdapterCopies:
         self.remade += 1
 
     def trim(self) -> None:
-        """Drop the least recently used copies beyond ``keep``, never one an unfinished request uses
-        (call between engine steps)."""
+        """Keep the ``keep`` most recently used copies and those unfinished requests use; drop the
+        others (and forgotten ones once no request uses them). Call between engine steps."""
         busy = self._in_use()
         with self._lock:
-            extra = len(self._present) - self.keep
-            drop = [i for i in self._present if i not in busy][:max(extra, 0)]
+            live = [i for i in self._present if i not in self._doomed]
+            kept = set(live[-self.keep:]) | busy
+            drop = [i for i in self._present if i not in kept]
             for lora_id in drop:
                 del self._present[lora_id]
+                self._doomed.discard(lora_id)
         for lora_id in drop:
             shutil.rmtree(self.path_for(lora_id), ignore_errors=True)
 

@@ -315,6 +315,7 @@ class AdapterRegistry:
             with self._lock:
                 self._issued.pop(request.lora_int_id, None)
             self.copies.forget(request.lora_int_id)
+            self.engine.loop.call(self.copies.trim)  # no request can use it: its copy goes now
             raise
         with self._lock:
             self._by_digest.setdefault(digest, request)

@@ -105,7 +105,7 @@ class AdapterCopies:
                 self._present.move_to_end(lora_id)
         if not present:
             self._remake(lora_id, *source)
-        self.trim()
+            self.trim()
 
     def _remake(self, lora_id: int, source: str, digest: str) -> None:
         again = ("it was loaded from {src} with load_lora(); the engine had dropped its copy after {n} other "

@@ -270,7 +270,10 @@ class AdapterRegistry:
 
     def _before_submit(self, request: Any) -> None:
         """Between engine steps, in the job that submits ``request``: its copy is there for vLLM to read."""
-        self.copies.ensure(request.lora_int_id)
+        try:
+            self.copies.ensure(request.lora_int_id)
+        except AdapterError as exc:
+            raise AdapterError(f"cannot serve lora_request {request.lora_name!r}: {exc}") from exc
 
     def load(self, path: str | os.PathLike, name: str | None = None, copy: bool = True) -> Any:
         """Validate and register the adapter at ``path``; same content → same request (and id).

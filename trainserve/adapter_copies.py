@@ -32,6 +32,7 @@ from trainserve.adapter_paths import AdapterError, snapshot_adapter
 
 __all__ = ["AdapterCopies"]
 
+
 class AdapterCopies:
     """The private copies of one engine's saved adapters, one directory per adapter id.
 

@@ -59,5 +59,3 @@ def snapshot_adapter(source: str | os.PathLike, parent: str | os.PathLike, confi
         shutil.rmtree(target, ignore_errors=True)
         raise
     return target
-
-

@@ -47,11 +47,13 @@ class ModuleWalkCache:
         self.elided_train_calls = 0  # counters, for tests and benchmarks
         self.cached_parameter_calls = 0
 
-    def refresh(self, model: torch.nn.Module) -> None:
-        """Walk ``model`` now (call it when the GPU has queued work, e.g. right after ``backward()``)."""
+    def refresh(self, model: torch.nn.Module, parameters: bool = True) -> None:
+        """Walk ``model`` now (call it when the GPU has queued work, e.g. right after ``backward()``).
+        ``parameters=False``: the modules only (no clip follows this micro-batch); the cached
+        parameter list is then dropped, never left stale."""
         self._model = model
         self._modules = list(model.modules())
-        self._parameters = list(model.parameters())
+        self._parameters = list(model.parameters()) if parameters else []
         # A module class whose train() does more than set flags (peft's DoRA layers clear a cache)
         # must get its call: no elision for such a model.
         safe = _flag_setting_trains()

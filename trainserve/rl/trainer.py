@@ -200,7 +200,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         returns, with the backward still queued on the GPU (:mod:`trainserve.rl.module_walks`)."""
         with self._walks.train_call_elided(model):
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self._walks.refresh(model)
+        self._walks.refresh(model, parameters=self.accelerator.sync_gradients)  # the clip comes next
         return loss
 
     def _clip_grad_norm(self, model: Any) -> Any:

@@ -31,7 +31,13 @@ from typing import Any
 import bench_grpo_gpu_launch as launch
 from bench_grpo_gpu_launch import compile_cache_entries, versions
 from bench_grpo_gpu_memory import GIB, MemorySampler, PhasePeaks, wall
-from bench_grpo_gpu_profile import TrainingStepProfiler, attention_kinds_since, mlp_gate_up_since, standby_since
+from bench_grpo_gpu_profile import (
+    TrainingStepProfiler,
+    attention_kinds_since,
+    mlp_gate_up_since,
+    shared_prefix_since,
+    standby_since,
+)
 from bench_grpo_gpu_report import summarise
 from bench_grpo_gpu_workload import length_reward, prompt_texts
 
@@ -366,6 +372,8 @@ def train(trainer: Any, arm: str, s: dict[str, Any], res: dict[str, Any], sample
                 rec["standby"] = standby
             if (gate_up := mlp_gate_up_since(marks)) is not None:
                 rec["mlp_gate_up"] = gate_up
+            if (shared := shared_prefix_since(marks)) is not None:
+                rec["shared_prefix"] = shared
             marks["last"] = now
             res["steps"].append(rec)
             tps = (f", {rec['rollout_tokens'] / rec['rollout_s']:.0f} tok/s"

@@ -219,6 +219,13 @@ def attention_kinds_since(marks: dict[str, Any]) -> dict[str, int] | None:
     return None if out is None else {k: n for k, n in out.items() if n}
 
 
+def shared_prefix_since(marks: dict[str, Any]) -> dict[str, int] | None:
+    """trainserve arms: training forwards that computed shared prompt tokens once since the last call,
+    with their real tokens and the tokens computed (trainserve/models/shared_prefix.py); None for the
+    peers."""
+    return _counts_since(marks, "shared_prefix", "trainserve.models.shared_prefix", "shared_prefix_stats")
+
+
 def mlp_gate_up_since(marks: dict[str, Any]) -> dict[str, int] | None:
     """trainserve arms: MLP calls of training forwards since the last call that kept their gate|up
     activation and that recompute it in the backward (``TRAINSERVE_MLP_RECOMPUTE`` /

@@ -436,3 +436,20 @@ def test_profile_decode_sums_the_waits_of_the_engine_loop() -> None:
               Evt("cudaEventSynchronize", 4000)]
     assert profile_decode_kernels.cpu_waits(events) == {"cudaEventSynchronize": [4.0, 1],
                                                         "cudaMemcpyAsync": [2.0, 2]}
+
+
+def test_shared_prefix_counts_are_reported_per_step_for_trainserve_arms(monkeypatch) -> None:
+    """Each step's record says how many training forwards computed shared prompts once, and how many
+    tokens they computed of how many; peers, without trainserve's module imported, get None."""
+    from trainserve.models import shared_prefix
+
+    marks: dict = {}
+    monkeypatch.delitem(sys.modules, "trainserve.models.shared_prefix")
+    assert profile.shared_prefix_since(marks) is None
+    monkeypatch.setitem(sys.modules, "trainserve.models.shared_prefix", shared_prefix)
+    profile.shared_prefix_since(marks)  # the baseline
+    ids = torch.tensor([[*range(3, 23), 5], [*range(3, 23), 6]])
+    plan, _ = shared_prefix.plan_shared_prefix(ids, torch.ones_like(ids))
+    assert plan is not None
+    assert profile.shared_prefix_since(marks) == {"forwards": 1, "tokens": 42, "computed": 22}
+    assert profile.shared_prefix_since(marks) == {"forwards": 0, "tokens": 0, "computed": 0}

@@ -204,3 +204,52 @@ def test_padded_batch_parity_through_varlen(tiny_path: str) -> None:
     assert after.get("varlen", 0) > before.get("varlen", 0)
     assert after.get("masked", 0) == before.get("masked", 0)
     _compare(ref, got)
+
+
+def _shared_prompt_batch(seed: int):
+    """Two prompts (30 and 41 tokens, left-padded) x 8 samples of 1-60 tokens (right-padded), and
+    one unrelated row: what a GRPO micro-batch looks like."""
+    g = torch.Generator().manual_seed(seed)
+    rows, masks = [], []
+    for plen in (30, 41):
+        prompt = torch.randint(3, 500, (plen,), generator=g)
+        for _ in range(8):
+            n = int(torch.randint(1, 61, (1,), generator=g))
+            comp = torch.randint(3, 500, (n,), generator=g)
+            rows.append(torch.cat([torch.zeros(41 - plen, dtype=torch.long), prompt, comp,
+                                   torch.zeros(60 - n, dtype=torch.long)]))
+            masks.append(torch.cat([torch.zeros(41 - plen), torch.ones(plen + n), torch.zeros(60 - n)]))
+    rows.append(torch.randint(3, 500, (101,), generator=g))
+    masks.append(torch.ones(101))
+    ids, mask = torch.stack(rows).to(DEV), torch.stack(masks).long().to(DEV)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :41] = -100  # only completions are scored, as in GRPO
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("gc", [False, "unsloth"])
+def test_shared_prefix_parity_through_varlen(tiny_path: str, gc, monkeypatch) -> None:
+    """Each prompt of a GRPO-shaped batch computed once (varlen with gathered keys, aligned at the
+    bottom right) matches the unpatched model and the patched model without sharing."""
+    from trainserve.models.attention import attention_kind_counts, varlen_bottom_right
+    from trainserve.models.shared_prefix import shared_prefix_stats
+
+    assert varlen_bottom_right(torch.device(DEV))
+    ids, mask, labels = _shared_prompt_batch(seed=7)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ref = _step(_lora(_load(tiny_path)), **inputs)
+    m = _load(tiny_path)
+    FastQwen2Model.patch_model(m, use_gradient_checkpointing=gc)
+    model = _lora(m)
+    before, stats = attention_kind_counts(), shared_prefix_stats()
+    got = _step(model, **inputs)
+    after = attention_kind_counts()
+    assert after.get("shared_prefix", 0) == before.get("shared_prefix", 0) + 1
+    computed = shared_prefix_stats()["computed"] - stats.get("computed", 0)
+    assert computed == int(mask.sum()) - 7 * 30 - 7 * 41
+    _compare(ref, got)
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setenv("TRAINSERVE_SHARED_PREFIX", "0")
+    unshared = _step(model, **inputs)
+    assert attention_kind_counts().get("varlen", 0) > after.get("varlen", 0)
+    _compare(unshared, got)

@@ -20,12 +20,17 @@ by transformers": the original forward runs). Kinds:
   per layer for the backward (7B, 16 rows of 386 tokens: 267 MB a layer, 7.5 GB a forward).
 * ``masked`` - padding that is not one run per row, sliding windows without varlen, padding off
   CUDA, or a caller's 4-D mask: SDPA with an explicit boolean mask.
+* ``shared_prefix`` (``shared_prefix_masked`` off CUDA) - rows that start with the same tokens (a
+  GRPO group's prompt) computed once: queries are the packed tokens, keys are gathered per segment
+  through ``kv_index`` (the shared prefix, then the row's own tokens), causal aligned bottom-right.
+  :mod:`trainserve.models.shared_prefix` builds it.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +62,10 @@ class AttnSpec:
     max_len: int = 0
     window: int | None = None
     extra: dict = field(default_factory=dict)
+    #: shared prefixes: key/value rows gathered for each query segment, and their own cu_seqlens
+    kv_index: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_len_k: int = 0
 
 
 def _segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
@@ -108,8 +117,10 @@ def build_attn_spec(
     device: torch.device,
     window: int | None = None,
     flash_kwargs: dict | None = None,
+    run_stats: list[int] | None = None,
 ) -> AttnSpec:
-    """Decide the attention kind for one forward (host syncs at most twice, before any layer)."""
+    """Decide the attention kind for one forward (host syncs at most twice, before any layer).
+    ``run_stats``: :func:`padding_run_stats` of ``attention_mask`` already on the host."""
     if window is not None and window >= seq:
         window = None
     if flash_kwargs and flash_kwargs.get("cu_seq_lens_q") is not None and attention_mask is None:
@@ -118,7 +129,10 @@ def build_attn_spec(
         return _varlen_or_mask(cu, max_len, batch, seq, device, window)
     if attention_mask is not None and attention_mask.dim() == 4:
         return AttnSpec("masked", mask=attention_mask.to(device), window=window)
-    padded, runs = _padding_runs(attention_mask.to(device)) if attention_mask is not None else (False, None)
+    padded, runs = False, None
+    if attention_mask is not None:
+        m = attention_mask.to(device)
+        padded, runs = _runs_from_host(padding_run_stats(m).tolist() if run_stats is None else run_stats, m)
     packed = False
     seg = None
     if position_ids is not None and seq > 1 and attention_mask is None:  # as transformers decides
@@ -146,6 +160,26 @@ def build_attn_spec(
     return AttnSpec("masked", mask=keep[:, None], window=window)
 
 
+@_counted
+def shared_prefix_spec(q_lens: list[int], k_lens: list[int], kv_index: torch.Tensor, device: torch.device) -> AttnSpec:
+    """Attention over packed query segments (lengths ``q_lens``) whose keys are the rows
+    ``kv_index`` gathers (``k_lens`` per segment, the segment's own tokens last), causal aligned
+    bottom-right: varlen on CUDA, an explicit mask elsewhere."""
+    if varlen_available(device) and varlen_bottom_right(device):
+        return AttnSpec(
+            "shared_prefix", cu_seqlens=to_device_int32([0, *itertools.accumulate(q_lens)], device),
+            max_len=max(q_lens), kv_index=kv_index,
+            cu_seqlens_k=to_device_int32([0, *itertools.accumulate(k_lens)], device), max_len_k=max(k_lens),
+        )
+    ql, kl = torch.tensor(q_lens, device=device), torch.tensor(k_lens, device=device)
+    seg_q = torch.repeat_interleave(torch.arange(len(q_lens), device=device), ql)
+    seg_k = torch.repeat_interleave(torch.arange(len(k_lens), device=device), kl)
+    off_q = torch.arange(seg_q.numel(), device=device) - (ql.cumsum(0) - ql)[seg_q]
+    off_k = torch.arange(seg_k.numel(), device=device) - (kl.cumsum(0) - kl)[seg_k]
+    keep = (seg_q[:, None] == seg_k[None, :]) & (off_k[None, :] <= (off_q + (kl - ql)[seg_q])[:, None])
+    return AttnSpec("shared_prefix_masked", mask=keep[None, None], kv_index=kv_index)
+
+
 def padding_segments(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     """``(cu_seqlens, max_len)`` cutting each row of a ``(B, S)`` padding mask into its leading
     pads, its real tokens and its trailing pads (empty pieces dropped), over the flattened ``B*S``
@@ -153,34 +187,48 @@ def padding_segments(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int] |
     return _padding_runs(attention_mask)[1]
 
 
-def _padding_runs(attention_mask: torch.Tensor) -> tuple[bool, tuple[torch.Tensor, int] | None]:
-    """``(padded, runs)`` for a ``(B, S)`` mask with one host sync (the mask usually lives on the
-    GPU, and a sync at the start of a forward stalls the launch queue): whether any position is
-    padding, and :func:`padding_segments`' answer. The cuts are made on the host and copied back
-    without another sync."""
+def padding_run_stats(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[all real, one run per row, first real column per row..., real count per row...]`` of a
+    ``(B, S)`` mask, on its device: what the host needs to cut it (one sync, shared by callers that
+    need more from the same forward, see :mod:`trainserve.models.shared_prefix`)."""
     m = attention_mask.bool()
-    batch, seq = m.shape
+    seq = m.shape[1]
     count = m.sum(1)
     first = torch.where(count > 0, m.int().argmax(1), torch.zeros_like(count))
     pos = torch.arange(seq, device=m.device)[None, :]
     one_run = ((pos >= first[:, None]) & (pos < (first + count)[:, None])) == m
-    host = torch.cat([torch.stack([m.all(), one_run.all()]).long(), first, count]).tolist()
+    return torch.cat([torch.stack([m.all(), one_run.all()]).long(), first, count])
+
+
+def _padding_runs(attention_mask: torch.Tensor) -> tuple[bool, tuple[torch.Tensor, int] | None]:
+    """``(padded, runs)`` for a ``(B, S)`` mask with one host sync (the mask usually lives on the
+    GPU, and a sync at the start of a forward stalls the launch queue): whether any position is
+    padding, and :func:`padding_segments`' answer."""
+    return _runs_from_host(padding_run_stats(attention_mask).tolist(), attention_mask)
+
+
+def _runs_from_host(host: list[int], m: torch.Tensor) -> tuple[bool, tuple[torch.Tensor, int] | None]:
+    """The cuts, made on the host from :func:`padding_run_stats` and copied back without a sync."""
+    batch, seq = m.shape
     if host[0]:
         return False, None
     if not host[1]:
         return True, None
     cuts: list[int] = []
-    for row, (start, real) in enumerate(zip(host[2 : 2 + batch], host[2 + batch :], strict=True)):
+    for row, (start, real) in enumerate(zip(host[2 : 2 + batch], host[2 + batch : 2 + 2 * batch], strict=True)):
         for cut in (row * seq, row * seq + start, row * seq + start + real):
             if not cuts or cut != cuts[-1]:
                 cuts.append(cut)
     if cuts[-1] != batch * seq:
         cuts.append(batch * seq)
     max_len = max(b - a for a, b in zip(cuts, cuts[1:], strict=False))
-    cu = torch.tensor(cuts, dtype=torch.int32)
-    if m.is_cuda:
-        cu = cu.pin_memory().to(m.device, non_blocking=True)
-    return True, (cu, max_len)
+    return True, (to_device_int32(cuts, m.device), max_len)
+
+
+def to_device_int32(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host integers as an int32 tensor on ``device`` (pinned and non-blocking on CUDA: no sync)."""
+    t = torch.tensor(values, dtype=torch.int32)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _varlen_or_mask(
@@ -216,14 +264,44 @@ def _expand_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
+def varlen_bottom_right(device: torch.device) -> bool:
+    """Whether causal varlen attention with fewer queries than keys aligns the diagonal at the
+    bottom right (query ``i`` of ``m`` sees keys up to ``i + n - m``: flash-attention 2's rule, which
+    shared prefixes rely on). Checked once per device against a masked reference."""
+    key = f"br:{device}"
+    if key not in _FLASH_GQA:
+        ok = False
+        if varlen_available(device):
+            g = torch.Generator(device="cpu").manual_seed(0)
+            q, k, v = (torch.randn(n, 2, 64, generator=g).to(device, torch.bfloat16) for n in (3, 7, 7))
+            cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=device) for c in ([0, 3], [0, 7]))
+            kw = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+            try:
+                got = _varlen_attn(q, k, v, cu_q, cu_k, 3, 7, **kw)
+            except RuntimeError:
+                got = None
+            keep = torch.ones(3, 7, dtype=torch.bool, device=device).tril(4)
+            ref = F.scaled_dot_product_attention(
+                q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=keep
+            ).transpose(0, 1)
+            ok = got is not None and bool(((got.float() - ref).abs().max() < 2e-2).item())
+        _FLASH_GQA[key] = ok
+    return _FLASH_GQA[key]
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, scale: float, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """``(B, S, Hq, D)`` q and ``(B, S, Hkv, D)`` k/v to ``(B, S, Hq*D)`` attention output."""
+    """``(B, S, Hq, D)`` q and ``(B, S, Hkv, D)`` k/v to ``(B, S, Hq*D)`` attention output. With
+    ``spec.kv_index`` the keys/values of each query segment are gathered first (their gradients sum
+    back into the shared rows)."""
     bsz, seq, hq, dim = q.shape
     hkv = k.shape[2]
     groups = hq // hkv
-    if spec.kind == "varlen":
+    if spec.kv_index is not None:
+        k = k.reshape(-1, hkv, dim).index_select(0, spec.kv_index)[None]
+        v = v.reshape(-1, hkv, dim).index_select(0, spec.kv_index)[None]
+    if spec.mask is None and spec.cu_seqlens is not None:
         kw = {"scale": scale}
         if spec.window is not None:
             kw["window_size"] = (spec.window - 1, 0)
@@ -237,7 +315,9 @@ def attention(
             kw["is_causal"] = True
         if "window_size" in _VARLEN_PARAMS and "window_size" not in kw:
             kw["window_size"] = (-1, 0)  # left unbounded, right 0: causal
-        out = _varlen_attn(qf, kf, vf, spec.cu_seqlens, spec.cu_seqlens, spec.max_len, spec.max_len, **kw)
+        cu_k = spec.cu_seqlens if spec.cu_seqlens_k is None else spec.cu_seqlens_k
+        max_k = spec.max_len if spec.cu_seqlens_k is None else spec.max_len_k
+        out = _varlen_attn(qf, kf, vf, spec.cu_seqlens, cu_k, spec.max_len, max_k, **kw)
         return out.reshape(bsz, seq, hq * dim)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     kw = {}

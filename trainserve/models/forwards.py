@@ -36,6 +36,7 @@ from trainserve.kernels.rope import apply_rope
 from trainserve.models.attention import AttnSpec, attention, build_attn_spec
 from trainserve.models.checkpointing import checkpoint_layer
 from trainserve.models.mlp_memory import decide_recompute
+from trainserve.models.shared_prefix import plan_shared_prefix
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 _FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -189,21 +190,29 @@ def fast_model_forward(
         )
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-    bsz, seq = hidden.shape[:2]
-    given_positions = position_ids is not None
-    if position_ids is None:
-        position_ids = torch.arange(seq, device=hidden.device)[None]
     flash_kwargs = {k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None}
     config = self.config
     layer_types = layer_kinds(config)
-    specs: dict[str, AttnSpec] = {}
-    for lt in set(layer_types):
-        window = getattr(config, "sliding_window", None) if lt == "sliding_attention" else None
-        specs[lt] = build_attn_spec(
-            attention_mask, position_ids if given_positions else None, bsz, seq, hidden.device,
-            window, flash_kwargs,
-        )
+    plan, run_stats = None, None
+    if _may_share_prefix(self, input_ids, attention_mask, position_ids, flash_kwargs, layer_types):
+        plan, run_stats = plan_shared_prefix(input_ids, attention_mask)
+    if plan is not None:  # rows' common prefixes computed once (trainserve.models.shared_prefix)
+        hidden = self.embed_tokens(plan.pack(input_ids))
+        position_ids = plan.positions
+        specs = dict.fromkeys(set(layer_types), plan.spec)
+    else:
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, seq = hidden.shape[:2]
+        given_positions = position_ids is not None
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=hidden.device)[None]
+        specs: dict[str, AttnSpec] = {}
+        for lt in set(layer_types):
+            window = getattr(config, "sliding_window", None) if lt == "sliding_attention" else None
+            specs[lt] = build_attn_spec(
+                attention_mask, position_ids if given_positions else None, bsz, seq, hidden.device,
+                window, flash_kwargs, run_stats,
+            )
     pos_emb = self.rotary_emb(hidden, position_ids)
     mode = getattr(self, "_trainserve_gc", False) if (self.training and torch.is_grad_enabled()) else False
     if torch.is_grad_enabled() and (budget := getattr(self, "_trainserve_keep", None)) is not None:
@@ -213,7 +222,26 @@ def fast_model_forward(
         run = functools.partial(_run_layer, layer)
         hidden = checkpoint_layer(mode, run, chain, hidden, specs[layer_types[i]], pos_emb, position_ids)
     hidden = self.norm(hidden)
+    if plan is not None:
+        hidden = plan.unpack(hidden)
     return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=None)
+
+
+def _may_share_prefix(
+    model: nn.Module, input_ids: Any, attention_mask: Any, position_ids: Any, flash_kwargs: dict,
+    layer_types: list[str],
+) -> bool:
+    """Whether sharing prefixes cannot change this forward's result (see the module it lives in)."""
+    config = model.config
+    return (
+        input_ids is not None and input_ids.dim() == 2 and input_ids.shape[0] > 1
+        and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        and position_ids is None and not flash_kwargs
+        and (getattr(config, "sliding_window", None) is None
+             or all(lt != "sliding_attention" for lt in layer_types)
+             or config.sliding_window >= input_ids.shape[1])
+        and not (model.training and float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0.0)
+    )
 
 
 def _return_logits(self: nn.Module) -> bool:

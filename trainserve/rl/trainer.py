@@ -28,15 +28,18 @@ from typing import Any
 import torch
 import trl
 from transformers import TrainerCallback
+from trl.trainer.utils import split_tensor_dict
 
 from trainserve.distributed import prepare_trainer_args
 from trainserve.model_api import state_of
 from trainserve.rl import checkpoint as ckpt
+from trainserve.rl.group_batches import group_order, groups_may_stay_together, reorder_rows
 from trainserve.rl.kv_budget import KVPrefetchAtStepEnd, advise_kv_cache
 from trainserve.rl.module_walks import ModuleWalkCache
 from trainserve.rl.overlap import EngineBatch, OneStepOff, RolloutRecord
 from trainserve.rl.overlap_checks import check_overlap
 from trainserve.rl.rewards import check_model_rewards, checked_reward_func
+from trainserve.rl.rollout_batch import group_runs, unpack_outputs
 
 __all__ = ["GRPOTrainer"]
 
@@ -56,25 +59,6 @@ def _lora_kwargs(peft_config: Any) -> dict[str, Any]:
         layers_to_transform=peft_config.layers_to_transform, layers_pattern=peft_config.layers_pattern,
         init_lora_weights=peft_config.init_lora_weights,
     )
-
-
-def _group_runs(prompt_ids: list[list[int]], n: int) -> list[tuple[list[int], int]]:
-    """``(prompt, count)`` runs: TRL repeats each prompt ``n`` times in a row, which becomes one request
-    with ``SamplingParams(n=n)`` (one prefill); anything else is one request per prompt."""
-    if n > 1 and len(prompt_ids) % n == 0 and all(
-            list(prompt_ids[i]) == list(prompt_ids[i - i % n]) for i in range(len(prompt_ids))):
-        return [(list(prompt_ids[i]), n) for i in range(0, len(prompt_ids), n)]
-    return [(list(p), 1) for p in prompt_ids]
-
-
-def _sampled_logprobs(completion: Any) -> list[float | None]:
-    if completion.logprobs is None:
-        raise RuntimeError("the engine returned no logprobs although SamplingParams(logprobs=0) asked")
-    out: list[float | None] = []
-    for token, entry in zip(completion.token_ids, completion.logprobs, strict=True):
-        lp = entry.get(token) if entry else None
-        out.append(None if lp is None else float(lp.logprob))
-    return out
 
 
 class GRPOTrainer(trl.GRPOTrainer):
@@ -165,6 +149,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         )
         if args is None:  # TRL built a default config: check it as a given one is checked above
             prepare_trainer_args(self.args)
+        self._groups_together = state is not None and groups_may_stay_together(
+            self.args, self.loss_type, self.top_entropy_quantile)
         if state is not None:
             advise_kv_cache(state.engine, self.args, state.config)
             self.add_callback(KVPrefetchAtStepEnd(state.engine.standby))
@@ -202,6 +188,18 @@ class GRPOTrainer(trl.GRPOTrainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._walks.refresh(model, parameters=self.accelerator.sync_gradients)  # the clip comes next
         return loss
+
+    def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:
+        """TRL's, but where the loss allows it whole prompt groups are shuffled instead of rows, so a
+        micro-batch holds every sample of its prompts and computes each prompt once
+        (:mod:`trainserve.rl.group_batches`, :mod:`trainserve.models.shared_prefix`)."""
+        if not (self._groups_together and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        if self._step % (self.args.steps_per_generation * self.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            batch = reorder_rows(batch, group_order(batch["prompt_ids"], batch["prompt_mask"]))
+            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _clip_grad_norm(self, model: Any) -> Any:
         """transformers' gradient clip, given the parameter list walked after this micro-batch's backward."""
@@ -291,7 +289,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         t0 = time.perf_counter()
         outputs = self._fast_model.fast_generate(batch.prompts, sampling_params=batch.params)
         seconds = time.perf_counter() - t0
-        completion_ids, logprobs = self._unpack(outputs, batch, self._uses_sampled_logprobs())
+        completion_ids, logprobs = unpack_outputs(outputs, batch, self._uses_sampled_logprobs())
         mode = "train" if self.model.training else "eval"
         tokens = sum(len(c) for c in completion_ids)
         self._metrics[mode]["rollout/tokens_per_s"].append(tokens / max(seconds, 1e-9))
@@ -308,7 +306,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if longest >= max_len:
             raise ValueError(f"a prompt has {longest} tokens but the engine's max_seq_length is {max_len}; "
                              "load the model with a larger max_seq_length or shorten the prompts")
-        groups = _group_runs(prompt_ids, num_generations)
+        groups = group_runs(prompt_ids, num_generations)
         params = [self._sampling_params(n, self._rollout_seed(call, g, step)) for g, (_, n) in enumerate(groups)]
         return EngineBatch([list(p) for p in prompt_ids], [p for p, _ in groups], [n for _, n in groups], params)
 
@@ -325,7 +323,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         step = self.state.global_step
         batch = self._engine_batch(prompt_ids, num_generations, step, call=0)
         outputs, record = self._overlap.rollout(batch, step, self.state.max_steps)
-        completion_ids, logprobs = self._unpack(outputs, batch, True)
+        completion_ids, logprobs = unpack_outputs(outputs, batch, True)
         metrics = self._metrics["train"]
         metrics["rollout/tokens_per_s"].append(sum(len(c) for c in completion_ids) / max(record.generate_seconds, 1e-9))
         metrics["rollout/seconds"].append(record.generate_seconds)
@@ -336,23 +334,6 @@ class GRPOTrainer(trl.GRPOTrainer):
         metrics["rollout/staleness"].append(float(record.staleness))
         self._log_completion_extra("adapter_version", record.sample_versions)  # per sample, in the completions table
         return completion_ids, logprobs
-
-    @staticmethod
-    def _unpack(outputs: list[Any], batch: EngineBatch,
-                with_logprobs: bool) -> tuple[list[list[int]], list[list[float | None]] | None]:
-        """Completion ids and (``with_logprobs``) sampled-token logprobs in TRL's order (each group's
-        samples by index); None for the logprobs otherwise, as TRL's own transformers generation returns."""
-        completion_ids: list[list[int]] = []
-        logprobs: list[list[float | None]] = []
-        for output, n in zip(outputs, batch.counts, strict=True):
-            samples = sorted(output.outputs, key=lambda c: c.index)
-            if len(samples) != n:
-                raise RuntimeError(f"the engine returned {len(samples)} completions for a prompt, not {n}")
-            for sample in samples:
-                completion_ids.append(list(sample.token_ids))
-                if with_logprobs:
-                    logprobs.append(_sampled_logprobs(sample))
-        return completion_ids, (logprobs if with_logprobs else None)
 
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any,

@@ -1,0 +1,175 @@
+"""Shared prefixes: rows of a batch that start with the same tokens are computed once there.
+
+Why: a GRPO batch holds every prompt ``num_generations`` times (8 samples of each prompt), left-padded
+the same way, and the training forward computes the prompt's tokens once per sample. With causal
+attention a token's hidden states depend only on the tokens before it, so all copies of a prompt
+token are identical: computing them once and letting the copies *read* that one result gives the
+same outputs, and the backward of that read sums the copies' gradients into it, which is the
+gradient of the unshared forward. For 7B with 130-token prompts and 256-token completions, two
+groups of 8 per micro-batch, the layers see 30% fewer tokens.
+
+How: :func:`plan_shared_prefix` compares the rows (one host sync, together with the padding
+statistics the attention needs anyway) and groups each row with the first earlier row it shares at
+least :data:`MIN_SHARED` real tokens with (same columns, same padding). The computed tokens are
+packed into one row: each group's shared prefix once, then each member's own remaining tokens. Each
+packed segment attends causally (aligned at the bottom right) to the keys gathered for it: the
+group's prefix, then its own tokens (:func:`trainserve.models.attention.shared_prefix_spec`). The
+position of a packed token is its column in the batch, so RoPE sees what the unshared forward gives
+it. :meth:`SharedPrefixPlan.unpack` turns the packed hidden states back into ``(B, S, H)``, zeros at
+padding (no loss reads those).
+
+The plan is only made where it cannot change the result: a 2-D padding mask whose real tokens are
+one run per row, no caller position ids, no sliding window shorter than the batch, no attention
+dropout in training. ``TRAINSERVE_SHARED_PREFIX=0`` turns it off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from trainserve.models.attention import AttnSpec, padding_run_stats, shared_prefix_spec
+
+#: real tokens a row must share with its group's first row to join the group
+MIN_SHARED = 16
+#: the plan is used only if it computes at least this share of the batch's real tokens fewer
+MIN_SAVED_SHARE = 0.05
+#: the largest (B, B, S) row comparison made (elements); larger batches are not compared
+MAX_COMPARED = 1 << 26
+_STATS: Counter = Counter()
+
+
+def enabled() -> bool:
+    """``TRAINSERVE_SHARED_PREFIX`` is not ``0``/``false`` (the default is on)."""
+    return os.environ.get("TRAINSERVE_SHARED_PREFIX", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def shared_prefix_stats() -> dict[str, int]:
+    """Forwards that shared prefixes in this process, their real tokens and the tokens computed."""
+    return dict(_STATS)
+
+
+@dataclass
+class SharedPrefixPlan:
+    """Where each computed token comes from and where each batch position reads its result."""
+
+    batch: int
+    seq: int
+    src: torch.Tensor  # (T,) long: flat ``row * seq + column`` of each computed token
+    positions: torch.Tensor  # (1, T) long: its column
+    dest: torch.Tensor  # (B * S,) long: the computed token each position reads; T at padding
+    spec: AttnSpec
+    tokens: int  # real tokens in the batch
+    computed: int = field(default=0)  # T
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, S, ...)`` to the computed tokens, ``(1, T, ...)``."""
+        return x.reshape(self.batch * self.seq, *x.shape[2:]).index_select(0, self.src)[None]
+
+    def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(1, T, H)`` to ``(B, S, H)``: shared positions read their one computed copy (their
+        gradients add up in it), padding reads zeros."""
+        flat = torch.cat([hidden[0], hidden.new_zeros(1, hidden.shape[-1])])
+        return flat.index_select(0, self.dest).view(self.batch, self.seq, -1)
+
+
+@dataclass
+class _Group:
+    leader: int
+    cols: int  # columns [0, cols) are shared by every member (padding included)
+    members: list[int]
+
+
+def plan_shared_prefix(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[SharedPrefixPlan | None, list[int]]:
+    """The plan for a ``(B, S)`` batch, or None where sharing saves too little; also
+    :func:`~trainserve.models.attention.padding_run_stats` on the host (the same sync), so the
+    caller's attention spec needs none of its own."""
+    m = attention_mask.bool()
+    batch, seq = m.shape
+    stats = padding_run_stats(m)
+    if batch < 2 or batch * batch * seq > MAX_COMPARED or not enabled():
+        return None, stats.tolist()
+    ids = input_ids.to(m.device)
+    same = (ids[:, None, :] == ids[None, :, :]) & (m[:, None, :] == m[None, :, :])
+    common = torch.where(same.all(-1), seq, (~same).int().argmax(-1))  # leading equal columns
+    host = torch.cat([stats, common.flatten()]).tolist()
+    run_stats = host[: 2 + 2 * batch]
+    if not run_stats[1]:  # padding with holes: no runs to pack
+        return None, run_stats
+    first, count = run_stats[2 : 2 + batch], run_stats[2 + batch :]
+    groups = _group_rows(host[2 + 2 * batch :], first, count, batch)
+    tokens = sum(count)
+    saved = sum((len(g.members) - 1) * (g.cols - first[g.leader]) for g in groups)
+    if tokens == 0 or saved < MIN_SAVED_SHARE * tokens:
+        return None, run_stats
+    plan = _build(groups, first, count, batch, seq, m.device, tokens)
+    _STATS["forwards"] += 1
+    _STATS["tokens"] += tokens
+    _STATS["computed"] += plan.computed
+    return plan, run_stats
+
+
+def _group_rows(common: list[int], first: list[int], count: list[int], batch: int) -> list[_Group]:
+    groups: list[_Group] = []
+    for row in range(batch):
+        if count[row] == 0:
+            continue
+        end = first[row] + count[row]
+        for g in groups:
+            j = g.leader
+            shared = min(common[row * batch + j], end, first[j] + count[j])
+            if first[row] == first[j] and shared - first[row] >= MIN_SHARED:
+                g.members.append(row)
+                g.cols = min(g.cols, shared)
+                break
+        else:
+            groups.append(_Group(row, end, [row]))
+    return groups
+
+
+def _build(groups: list[_Group], first: list[int], count: list[int], batch: int, seq: int,
+           device: torch.device, tokens: int) -> SharedPrefixPlan:
+    src: list[np.ndarray] = []
+    kv: list[np.ndarray] = []
+    q_lens: list[int] = []
+    k_lens: list[int] = []
+    dest = np.full(batch * seq, -1, dtype=np.int64)
+    t = 0
+    for g in groups:
+        f, cols = first[g.leader], g.cols
+        base = g.leader * seq
+        src.append(np.arange(base + f, base + cols))
+        prefix = np.arange(t, t + cols - f)
+        t += cols - f
+        q_lens.append(cols - f)
+        k_lens.append(cols - f)
+        kv.append(prefix)
+        for row in g.members:
+            base, end = row * seq, first[row] + count[row]
+            dest[base + f: base + cols] = prefix
+            if end > cols:
+                own = np.arange(t, t + end - cols)
+                t += end - cols
+                src.append(np.arange(base + cols, base + end))
+                dest[base + cols: base + end] = own
+                q_lens.append(end - cols)
+                k_lens.append(cols - f + end - cols)
+                kv.extend((prefix, own))
+    dest[dest < 0] = t  # padding reads the zero row after the computed tokens
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+    src_all = np.concatenate(src)
+    spec = shared_prefix_spec(q_lens, k_lens, dev(np.concatenate(kv)), device)
+    return SharedPrefixPlan(
+        batch=batch, seq=seq, src=dev(src_all), positions=dev(src_all % seq)[None], dest=dev(dest),
+        spec=spec, tokens=tokens, computed=t,
+    )

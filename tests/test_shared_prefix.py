@@ -165,3 +165,13 @@ def test_shared_prefix_attention_equals_per_row_attention(seed: int) -> None:
             qr, kr, vr, is_causal=True, scale=d**-0.5, enable_gqa=True)[0].transpose(0, 1).reshape(len(cols), -1)
         assert torch.allclose(got[row, cols], ref, atol=1e-5), row
     assert src.numel() == plan.computed
+
+
+def test_without_varlen_a_large_batch_is_not_packed() -> None:
+    """Off CUDA the packed attention is an explicit (queries x gathered keys) mask; for 256 rows in
+    32 groups it would be 600M elements, so the batch takes the usual path instead."""
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 500, (32, 64), generator=g)
+    ids = torch.cat([prompts.repeat_interleave(8, 0), torch.randint(3, 500, (256, 64), generator=g)], 1)
+    assert sp.plan_shared_prefix(ids, torch.ones_like(ids))[0] is None
+    assert sp.plan_shared_prefix(ids[:16], torch.ones_like(ids[:16]))[0] is not None  # 2 groups: small

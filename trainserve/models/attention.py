@@ -90,13 +90,14 @@ def varlen_available(device: torch.device, window: int | None = None) -> bool:
     return window is None or "window_size" in _VARLEN_PARAMS
 
 
-def _counted(build: Callable[..., AttnSpec]) -> Callable[..., AttnSpec]:
+def _counted(build: Callable[..., AttnSpec | None]) -> Callable[..., AttnSpec | None]:
     """Count the kinds ``build`` returns (see :func:`attention_kind_counts`)."""
 
     @functools.wraps(build)
-    def counted(*args: Any, **kwargs: Any) -> AttnSpec:
+    def counted(*args: Any, **kwargs: Any) -> AttnSpec | None:
         spec = build(*args, **kwargs)
-        _KIND_COUNTS[spec.kind] += 1
+        if spec is not None:
+            _KIND_COUNTS[spec.kind] += 1
         return spec
 
     return counted
@@ -161,16 +162,21 @@ def build_attn_spec(
 
 
 @_counted
-def shared_prefix_spec(q_lens: list[int], k_lens: list[int], kv_index: torch.Tensor, device: torch.device) -> AttnSpec:
+def shared_prefix_spec(
+    q_lens: list[int], k_lens: list[int], kv_index: torch.Tensor, device: torch.device, max_mask: int
+) -> AttnSpec | None:
     """Attention over packed query segments (lengths ``q_lens``) whose keys are the rows
     ``kv_index`` gathers (``k_lens`` per segment, the segment's own tokens last), causal aligned
-    bottom-right: varlen on CUDA, an explicit mask elsewhere."""
+    bottom-right: varlen on CUDA, an explicit mask elsewhere; None where that mask would have more
+    than ``max_mask`` elements (all queries by all gathered keys: it outgrows the padding mask)."""
     if varlen_available(device) and varlen_bottom_right(device):
         return AttnSpec(
             "shared_prefix", cu_seqlens=to_device_int32([0, *itertools.accumulate(q_lens)], device),
             max_len=max(q_lens), kv_index=kv_index,
             cu_seqlens_k=to_device_int32([0, *itertools.accumulate(k_lens)], device), max_len_k=max(k_lens),
         )
+    if sum(q_lens) * sum(k_lens) > max_mask:
+        return None
     ql, kl = torch.tensor(q_lens, device=device), torch.tensor(k_lens, device=device)
     seg_q = torch.repeat_interleave(torch.arange(len(q_lens), device=device), ql)
     seg_k = torch.repeat_interleave(torch.arange(len(k_lens), device=device), kl)

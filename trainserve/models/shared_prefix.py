@@ -39,7 +39,7 @@ MIN_SHARED = 16
 #: the plan is used only if it computes at least this share of the batch's real tokens fewer
 MIN_SAVED_SHARE = 0.05
 #: the largest (B, B, S) row comparison made (elements); larger batches are not compared
-MAX_COMPARED = 1 << 26
+MAX_COMPARED = 1 << 25
 _STATS: Counter = Counter()
 
 
@@ -98,43 +98,53 @@ def plan_shared_prefix(
     ids = input_ids.to(m.device)
     same = (ids[:, None, :] == ids[None, :, :]) & (m[:, None, :] == m[None, :, :])
     common = torch.where(same.all(-1), seq, (~same).int().argmax(-1))  # leading equal columns
-    host = torch.cat([stats, common.flatten()]).tolist()
-    run_stats = host[: 2 + 2 * batch]
+    host = torch.cat([stats, common.flatten()]).cpu().numpy()
+    run_stats = host[: 2 + 2 * batch].tolist()
     if not run_stats[1]:  # padding with holes: no runs to pack
         return None, run_stats
-    first, count = run_stats[2 : 2 + batch], run_stats[2 + batch :]
-    groups = _group_rows(host[2 + 2 * batch :], first, count, batch)
-    tokens = sum(count)
-    saved = sum((len(g.members) - 1) * (g.cols - first[g.leader]) for g in groups)
+    first, count = host[2 : 2 + batch], host[2 + batch : 2 + 2 * batch]
+    groups = _group_rows(host[2 + 2 * batch :].reshape(batch, batch), first, count)
+    tokens = int(count.sum())
+    saved = sum((len(g.members) - 1) * (g.cols - int(first[g.leader])) for g in groups)
     if tokens == 0 or saved < MIN_SAVED_SHARE * tokens:
         return None, run_stats
-    plan = _build(groups, first, count, batch, seq, m.device, tokens)
+    plan = _build(groups, first.tolist(), count.tolist(), batch, seq, m.device, tokens)
+    if plan is None:
+        return None, run_stats
     _STATS["forwards"] += 1
     _STATS["tokens"] += tokens
     _STATS["computed"] += plan.computed
     return plan, run_stats
 
 
-def _group_rows(common: list[int], first: list[int], count: list[int], batch: int) -> list[_Group]:
-    groups: list[_Group] = []
+def _group_rows(common: np.ndarray, first: np.ndarray, count: np.ndarray) -> list[_Group]:
+    """Each row joins the group of the first earlier row it shares ``MIN_SHARED`` real tokens with
+    (sharing a prefix is transitive, so it shares them with that group's leader too); a group's
+    shared columns are the fewest any member shares with its leader. O(B) host work past numpy."""
+    batch = len(first)
+    end = first + count
+    ok = (common - first[:, None] >= MIN_SHARED) & (first[:, None] == first[None, :])
+    ok &= (count > 0)[:, None] & (count > 0)[None, :] & np.tri(batch, k=-1, dtype=bool)
+    earlier = np.where(ok.any(1), ok.argmax(1), -1)
+    leader = np.arange(batch)
     for row in range(batch):
-        if count[row] == 0:
-            continue
-        end = first[row] + count[row]
-        for g in groups:
-            j = g.leader
-            shared = min(common[row * batch + j], end, first[j] + count[j])
-            if first[row] == first[j] and shared - first[row] >= MIN_SHARED:
-                g.members.append(row)
-                g.cols = min(g.cols, shared)
-                break
-        else:
-            groups.append(_Group(row, end, [row]))
-    return groups
+        if earlier[row] >= 0:
+            leader[row] = leader[earlier[row]]
+    rows = np.arange(batch)
+    shared = np.minimum(common[rows, leader], np.minimum(end, end[leader]))
+    groups: dict[int, _Group] = {}
+    for row in rows[count > 0].tolist():
+        lead = int(leader[row])
+        if lead not in groups:
+            groups[lead] = _Group(lead, int(end[lead]), [])
+        g = groups[lead]
+        g.members.append(row)
+        g.cols = min(g.cols, int(shared[row]))
+    return list(groups.values())
 
 
 def _build(groups: list[_Group], first: list[int], count: list[int], batch: int, seq: int,
-           device: torch.device, tokens: int) -> SharedPrefixPlan:
+           device: torch.device, tokens: int) -> SharedPrefixPlan | None:
     src: list[np.ndarray] = []
     kv: list[np.ndarray] = []
     q_lens: list[int] = []
@@ -168,7 +178,9 @@ def _build(groups: list[_Group], first: list[int], count: list[int], batch: int,
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
     src_all = np.concatenate(src)
-    spec = shared_prefix_spec(q_lens, k_lens, dev(np.concatenate(kv)), device)
+    spec = shared_prefix_spec(q_lens, k_lens, dev(np.concatenate(kv)), device, max_mask=max(batch * seq * seq, 1 << 22))
+    if spec is None:  # no varlen here, and the mask would be large (and larger than the padding mask)
+        return None
     return SharedPrefixPlan(
         batch=batch, seq=seq, src=dev(src_all), positions=dev(src_all % seq)[None], dest=dev(dest),
         spec=spec, tokens=tokens, computed=t,

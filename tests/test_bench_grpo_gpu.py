@@ -448,6 +448,7 @@ def test_shared_prefix_counts_are_reported_per_step_for_trainserve_arms(monkeypa
     assert profile.shared_prefix_since(marks) is None
     monkeypatch.setitem(sys.modules, "trainserve.models.shared_prefix", shared_prefix)
     profile.shared_prefix_since(marks)  # the baseline
+    monkeypatch.setenv("TRAINSERVE_SHARED_PREFIX", "1")  # on the CPU only when asked for
     ids = torch.tensor([[*range(3, 23), 5], [*range(3, 23), 6]])
     plan, _ = shared_prefix.plan_shared_prefix(ids, torch.ones_like(ids))
     assert plan is not None

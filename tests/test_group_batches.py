@@ -66,6 +66,7 @@ def test_grpo_micro_batches_hold_whole_groups_and_match_the_row_shuffle(tmp_path
         return [float(sum(map(ord, completion_text(c))) % 5) for c in completions]
 
     monkeypatch.setattr(sp, "MIN_SHARED", 2)  # the toy prompts are short
+    monkeypatch.setenv("TRAINSERVE_SHARED_PREFIX", "1")  # on the CPU only when asked for
     model, tok = load_tiny_fast()
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

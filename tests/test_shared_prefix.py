@@ -23,6 +23,12 @@ def tiny_path() -> str:
     return str(trainserve.tiny_model())
 
 
+@pytest.fixture(autouse=True)
+def _shared_prefix_on(monkeypatch) -> None:
+    """On CUDA sharing is on by default; on this CPU it runs only when asked for (explicit mask)."""
+    monkeypatch.setenv("TRAINSERVE_SHARED_PREFIX", "1")
+
+
 def _grpo_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """3 prompts (20, 26, 31 tokens) x 4 samples, left-padded to 31; completions of 1-12 tokens,
     right-padded to 12. Two samples of the second prompt are identical; one extra row is alone."""
@@ -96,7 +102,7 @@ def test_off_switch_and_unshared_batches_take_the_usual_path(tiny_path: str, mon
     assert torch.allclose(lp_on, lp_off, atol=2e-4, rtol=0)
     for n in g_off:
         assert (g_on[n] - g_off[n]).norm() <= 1e-3 * g_off[n].norm(), n
-    monkeypatch.delenv("TRAINSERVE_SHARED_PREFIX")
+    monkeypatch.setenv("TRAINSERVE_SHARED_PREFIX", "1")
     distinct = torch.randint(3, 500, ids.shape, generator=torch.Generator().manual_seed(5))
     assert sp.plan_shared_prefix(distinct, mask)[0] is None  # nothing shared: no plan
 
@@ -175,3 +181,14 @@ def test_without_varlen_a_large_batch_is_not_packed() -> None:
     ids = torch.cat([prompts.repeat_interleave(8, 0), torch.randint(3, 500, (256, 64), generator=g)], 1)
     assert sp.plan_shared_prefix(ids, torch.ones_like(ids))[0] is None
     assert sp.plan_shared_prefix(ids[:16], torch.ones_like(ids[:16]))[0] is not None  # 2 groups: small
+
+
+def test_default_is_on_only_where_varlen_runs_and_a_bad_switch_is_named(monkeypatch) -> None:
+    ids = torch.tensor([[*range(3, 23), 5], [*range(3, 23), 6]])
+    assert sp.plan_shared_prefix(ids, torch.ones_like(ids))[0] is not None  # "1"
+    monkeypatch.delenv("TRAINSERVE_SHARED_PREFIX")
+    assert not attn.varlen_available(torch.device("cpu"))
+    assert sp.plan_shared_prefix(ids, torch.ones_like(ids))[0] is None  # unset: CPU has no varlen
+    monkeypatch.setenv("TRAINSERVE_SHARED_PREFIX", "sometimes")
+    with pytest.raises(ValueError, match="TRAINSERVE_SHARED_PREFIX"):
+        sp.plan_shared_prefix(ids, torch.ones_like(ids))

@@ -20,7 +20,10 @@ padding (no loss reads those).
 
 The plan is only made where it cannot change the result: a 2-D padding mask whose real tokens are
 one run per row, no caller position ids, no sliding window shorter than the batch, no attention
-dropout in training. ``TRAINSERVE_SHARED_PREFIX=0`` turns it off (for comparisons).
+dropout in training. ``TRAINSERVE_SHARED_PREFIX``: unset, it is used where varlen attention runs
+(CUDA); off CUDA the packed attention needs an explicit (queries × gathered keys) mask, which made
+a CPU forward+backward 1.5× slower than the unshared causal one, so there it runs only with ``=1``
+(the CPU tests use that); ``=0`` turns it off everywhere (for comparisons).
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trainserve.models.attention import AttnSpec, padding_run_stats, shared_prefix_spec
+from trainserve.models.attention import (
+    AttnSpec,
+    padding_run_stats,
+    shared_prefix_spec,
+    varlen_available,
+    varlen_bottom_right,
+)
 
 #: real tokens a row must share with its group's first row to join the group
 MIN_SHARED = 16
@@ -43,9 +52,16 @@ MAX_COMPARED = 1 << 25
 _STATS: Counter = Counter()
 
 
-def enabled() -> bool:
-    """``TRAINSERVE_SHARED_PREFIX`` is not ``0``/``false`` (the default is on)."""
-    return os.environ.get("TRAINSERVE_SHARED_PREFIX", "1").strip().lower() not in ("0", "false", "no", "off")
+def enabled(device: torch.device) -> bool:
+    """``TRAINSERVE_SHARED_PREFIX``: ``0`` off, ``1`` on, unset on where varlen attention runs."""
+    value = os.environ.get("TRAINSERVE_SHARED_PREFIX", "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value:
+        raise ValueError(f"TRAINSERVE_SHARED_PREFIX must be 0 or 1 (or unset), got {value!r}")
+    return varlen_available(device) and varlen_bottom_right(device)
 
 
 def shared_prefix_stats() -> dict[str, int]:
@@ -93,7 +109,7 @@ def plan_shared_prefix(
     m = attention_mask.bool()
     batch, seq = m.shape
     stats = padding_run_stats(m)
-    if batch < 2 or batch * batch * seq > MAX_COMPARED or not enabled():
+    if batch < 2 or batch * batch * seq > MAX_COMPARED or not enabled(m.device):
         return None, stats.tolist()
     ids = input_ids.to(m.device)
     same = (ids[:, None, :] == ids[None, :, :]) & (m[:, None, :] == m[None, :, :])

@@ -75,7 +75,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     the same completions again, and a resumed run continues as the uninterrupted one would (with a
     larger ``max_steps`` it extends the run: the learning-rate schedule is rebuilt for the new total).
     Reward functions are validated (see :mod:`trainserve.rl.rewards`); checkpoints are atomic and
-    resuming loads the adapter in place (see :mod:`trainserve.rl.checkpoint`).
+    resuming loads the adapter in place (see :mod:`trainserve.rl.checkpoint`). Where TRL's loss allows
+    it, a micro-batch holds every sample of its prompts, so the forward computes each prompt once
+    (:mod:`trainserve.rl.group_batches`, :mod:`trainserve.models.shared_prefix`).
 
     ``overlap=True``: one-step-off training. While step k trains on batch k, the engine generates
     batch k+1 with the adapter of step k-1 (pinned in one slot of the live adapter's double

@@ -148,7 +148,10 @@ def make_server(
         loop="asyncio" if threaded else "auto",
         lifespan="off",
         timeout_graceful_shutdown=10,
-        timeout_keep_alive=5,
+        # Longer than clients keep idle connections (httpx, and so the openai client: 5 s; aiohttp:
+        # 15 s). At uvicorn's 5 s, a client reusing a connection idle for ~5 s could send just as the
+        # server closed it and get "Server disconnected without sending a response" (seen in CI).
+        timeout_keep_alive=30,
     )
     return GracefulServer(config, state, on_started, exit_on_engine_death)
 

@@ -192,3 +192,10 @@ def test_default_is_on_only_where_varlen_runs_and_a_bad_switch_is_named(monkeypa
     monkeypatch.setenv("TRAINSERVE_SHARED_PREFIX", "sometimes")
     with pytest.raises(ValueError, match="TRAINSERVE_SHARED_PREFIX"):
         sp.plan_shared_prefix(ids, torch.ones_like(ids))
+
+
+def test_a_bad_switch_is_refused_when_the_model_is_patched(tiny_path: str, monkeypatch) -> None:
+    monkeypatch.setenv("TRAINSERVE_SHARED_PREFIX", "sometimes")
+    m = transformers.AutoModelForCausalLM.from_pretrained(tiny_path)
+    with pytest.raises(ValueError, match="TRAINSERVE_SHARED_PREFIX"):
+        FastQwen2Model.patch_model(m)

@@ -48,6 +48,8 @@ except Exception:  # noqa: BLE001
     _VARLEN_PARAMS = set()
 
 _FLASH_GQA: dict[str, bool] = {}
+#: per device: whether causal varlen aligns a short query run at the bottom right (varlen_bottom_right)
+_VARLEN_BOTTOM_RIGHT: dict[str, bool] = {}
 #: how many forwards built each attention kind in this process (:func:`attention_kind_counts`)
 _KIND_COUNTS: Counter = Counter()
 
@@ -274,8 +276,8 @@ def varlen_bottom_right(device: torch.device) -> bool:
     """Whether causal varlen attention with fewer queries than keys aligns the diagonal at the
     bottom right (query ``i`` of ``m`` sees keys up to ``i + n - m``: flash-attention 2's rule, which
     shared prefixes rely on). Checked once per device against a masked reference."""
-    key = f"br:{device}"
-    if key not in _FLASH_GQA:
+    key = str(device)
+    if key not in _VARLEN_BOTTOM_RIGHT:
         ok = False
         if varlen_available(device):
             g = torch.Generator(device="cpu").manual_seed(0)
@@ -291,8 +293,8 @@ def varlen_bottom_right(device: torch.device) -> bool:
                 q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=keep
             ).transpose(0, 1)
             ok = got is not None and bool(((got.float() - ref).abs().max() < 2e-2).item())
-        _FLASH_GQA[key] = ok
-    return _FLASH_GQA[key]
+        _VARLEN_BOTTOM_RIGHT[key] = ok
+    return _VARLEN_BOTTOM_RIGHT[key]
 
 
 def attention(

@@ -19,6 +19,7 @@ from torch import nn
 from trainserve.models.checkpointing import normalize_gc_mode
 from trainserve.models.forwards import ROLE_FORWARDS
 from trainserve.models.mlp_memory import keep_budget_from_env, mlp_recompute_default
+from trainserve.models.shared_prefix import shared_prefix_switch
 
 _ROLE_SUFFIXES = {
     "causal_lm": "ForCausalLM", "model": "Model", "decoder_layer": "DecoderLayer",
@@ -78,6 +79,7 @@ class FastBaseModel:
         causal = _base_causal_lm(model)
         cls.validate_config(causal.config)
         mode = normalize_gc_mode(use_gradient_checkpointing)
+        shared_prefix_switch()  # a bad TRAINSERVE_SHARED_PREFIX is refused here, not at the first forward
         classes = cls.module_classes()
         for module in causal.modules():
             for role, klass in classes.items():

@@ -21,8 +21,8 @@ padding (no loss reads those).
 The plan is only made where it cannot change the result: a 2-D padding mask whose real tokens are
 one run per row, no caller position ids, no sliding window shorter than the batch, no attention
 dropout in training. ``TRAINSERVE_SHARED_PREFIX``: unset, it is used where varlen attention runs
-(CUDA); off CUDA the packed attention needs an explicit (queries × gathered keys) mask, which made
-a CPU forward+backward 1.5× slower than the unshared causal one, so there it runs only with ``=1``
+(CUDA); off CUDA the packed attention needs an explicit (queries × gathered keys) mask and SDPA's
+math kernel, slower than the unshared causal kernel in a CPU trial, so there it runs only with ``=1``
 (the CPU tests use that); ``=0`` turns it off everywhere (for comparisons).
 """
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,15 +52,24 @@ MAX_COMPARED = 1 << 25
 _STATS: Counter = Counter()
 
 
-def enabled(device: torch.device) -> bool:
-    """``TRAINSERVE_SHARED_PREFIX``: ``0`` off, ``1`` on, unset on where varlen attention runs."""
+def shared_prefix_switch() -> str:
+    """``TRAINSERVE_SHARED_PREFIX`` as ``"on"``, ``"off"`` or ``"auto"`` (unset); any other value
+    raises, naming the variable (checked when a model is patched, before any work)."""
     value = os.environ.get("TRAINSERVE_SHARED_PREFIX", "").strip().lower()
     if value in ("0", "false", "no", "off"):
-        return False
+        return "off"
     if value in ("1", "true", "yes", "on"):
-        return True
+        return "on"
     if value:
         raise ValueError(f"TRAINSERVE_SHARED_PREFIX must be 0 or 1 (or unset), got {value!r}")
+    return "auto"
+
+
+def enabled(device: torch.device) -> bool:
+    """``TRAINSERVE_SHARED_PREFIX``: ``0`` off, ``1`` on, unset on where varlen attention runs."""
+    switch = shared_prefix_switch()
+    if switch != "auto":
+        return switch == "on"
     return varlen_available(device) and varlen_bottom_right(device)
 
 
@@ -80,7 +89,7 @@ class SharedPrefixPlan:
     dest: torch.Tensor  # (B * S,) long: the computed token each position reads; T at padding
     spec: AttnSpec
     tokens: int  # real tokens in the batch
-    computed: int = field(default=0)  # T
+    computed: int  # T
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, S, ...)`` to the computed tokens, ``(1, T, ...)``."""

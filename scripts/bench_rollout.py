@@ -158,9 +158,7 @@ def arm_trainserve(a) -> dict:
     mem.sample()
     standby = state_of(model).engine.standby
     spec = state_of(model).engine.spec
-    lean = state_of(model).engine.lean_outputs
-    return {"arm": a.arm, "format": a.ts_format, "engine_quantization": spec.quantization,
-            "lean_outputs": None if lean is None else {"lean": lean.lean_outputs, "vllm": lean.full_outputs},
+    return {"arm": "trainserve", "format": a.ts_format, "engine_quantization": spec.quantization,
             "max_loras": spec.max_loras, "specialize_active_lora": spec.specialize_active_lora,
             "standby": not a.no_standby,
             "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
@@ -247,13 +245,10 @@ def arm_unsloth(a) -> dict:
             "update_to_first_token_ms_median": round(statistics.median(swap), 2), "peak_gpu_gb": mem.gb}
 
 
-ARMS = {"trainserve": arm_trainserve, "trainserve-vllm-outputs": arm_trainserve, "vllm": arm_vllm,
-        "vllm-inproc": arm_vllm, "unsloth": arm_unsloth}
+ARMS = {"trainserve": arm_trainserve, "vllm": arm_vllm, "vllm-inproc": arm_vllm, "unsloth": arm_unsloth}
 # Plain vLLM runs with vLLM's own default (engine core in a child process); "vllm-inproc" runs it in
 # this process like trainserve must (colocation), to separate that cost from trainserve's own.
-# "trainserve-vllm-outputs": trainserve with vLLM's own per-step output handling (no lean path).
-ARM_ENV = {"vllm": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, "vllm-inproc": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-           "trainserve-vllm-outputs": {"TRAINSERVE_LEAN_OUTPUTS": "0"}}
+ARM_ENV = {"vllm": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, "vllm-inproc": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from typing import Any
 
 from trainserve._env import apply_env_defaults, require_inprocess_engine
 from trainserve.engine import lora_kernel_configs
-from trainserve.engine.lean_outputs import LeanOutputs, lean_outputs_enabled
 from trainserve.engine.loop import EngineLoop
 
 logger = logging.getLogger("trainserve")
@@ -73,7 +72,6 @@ class Engine:
         self.loop = EngineLoop(llm)
         self.start_seconds = start_seconds
         self.model = vllm_compat.engine_model(llm)
-        self.lean_outputs = _install_lean_outputs(llm)
         self.live_owner: object | None = None  # the LiveAdapter that holds the live slots
         self.adapters: Any = None  # the AdapterRegistry: saved-adapter ids are unique per engine
         # Set by full fine-tuning (trainserve.full_finetune): the weights are no longer the checkpoint's.
@@ -90,18 +88,6 @@ class Engine:
         from trainserve.engine import vllm_compat
 
         return vllm_compat.lora_model_manager(self.llm)
-
-
-def _install_lean_outputs(llm: Any) -> LeanOutputs | None:
-    """Token-ids-only requests skip vLLM's per-step output work (:mod:`trainserve.engine.lean_outputs`);
-    an engine whose vLLM keeps that state differently runs vLLM's path, with a warning."""
-    from trainserve.engine import vllm_compat
-
-    try:
-        return LeanOutputs.install(llm)
-    except vllm_compat.VLLMInternalsChanged as exc:
-        logger.warning("per-step output handling stays vLLM's own: %s", exc)
-        return None
 
 
 _CURRENT: Engine | None = None
@@ -143,7 +129,6 @@ def start_engine(spec: EngineSpec) -> Engine:
         )
     apply_env_defaults()
     require_inprocess_engine()
-    lean_outputs_enabled()  # a bad TRAINSERVE_LEAN_OUTPUTS is refused before the engine starts
     from vllm import LLM
 
     from trainserve.engine import vllm_compat

@@ -404,38 +404,3 @@ def forget_lora_kernel_configs() -> None:
         envs.disable_envs_cache()
     for lookup in (utils.load_lora_op_config, utils.get_lora_op_configs):
         lookup.cache_clear()
-
-
-# EngineCoreOutput fields an output must leave unset for trainserve.engine.lean_outputs to handle it
-# (logprobs, pooling, MoE routing, speculative decoding, and finishing); those this vLLM lacks are skipped.
-_PER_STEP_FIELDS = ("finish_reason", "new_logprobs", "new_prompt_logprobs_tensors", "pooling_output",
-                    "routed_experts", "spec_decode_metrics")
-
-
-def output_processor(llm: Any) -> tuple[Any, tuple[str, ...]]:
-    """The in-process engine's ``OutputProcessor`` and the per-step output fields it must see."""
-    from vllm.v1.engine import EngineCoreOutput
-
-    processor = getattr(getattr(llm, "llm_engine", None), "output_processor", None)
-    known = set(getattr(EngineCoreOutput, "__struct_fields__", ()))
-    if processor is None or not hasattr(processor, "request_states") or "new_token_ids" not in known:
-        raise _fail("llm.llm_engine.output_processor.request_states / EngineCoreOutput.new_token_ids are gone")
-    return processor, tuple(f for f in _PER_STEP_FIELDS if f in known)
-
-
-def final_only_token_list(processor: Any, request_id: str) -> list[int] | None:
-    """The list a request's output token ids accumulate in, where vLLM does nothing else per step
-    for it: final output only, no detokeniser (``detokenize=False``: no stop strings), no logprobs,
-    no streamed input. None otherwise (or if this vLLM keeps its state differently)."""
-    from vllm.sampling_params import RequestOutputKind
-    from vllm.v1.engine.detokenizer import IncrementalDetokenizer
-
-    state = processor.request_states.get(request_id)
-    logprobs = getattr(state, "logprobs_processor", None)
-    if (state is None or getattr(state, "output_kind", None) != RequestOutputKind.FINAL_ONLY
-            or type(getattr(state, "detokenizer", None)) is not IncrementalDetokenizer
-            or getattr(state, "is_prefilling", True) or getattr(state, "streaming_input", False)
-            or getattr(logprobs, "logprobs", 0) is not None or getattr(logprobs, "prompt_logprobs", 0) is not None):
-        return None
-    tokens = getattr(state.detokenizer, "token_ids", None)
-    return tokens if isinstance(tokens, list) else None

@@ -1,8 +1,12 @@
 """Rollout and hot-swap benchmark (issue 5): trainserve vs plain vLLM vs Unsloth, one arm per process.
 
 Qwen2 shape with random weights, bitsandbytes 4-bit, LoRA r=16 on all 7 modules, N prompts of
-128 tokens → 256 new tokens with ``ignore_eos``. Per arm: output tokens/s, adapter-update-to-
-visible latency (median of 20), engine start, peak GPU memory (device-level, sampled).
+128 tokens → 256 new tokens with ``ignore_eos``. Per arm: output tokens/s (median over timed
+rollouts, each on a fresh prompt set, the same sets in every arm), prompt tokens taken from the
+prefix cache (should be 0), adapter-update-to-visible latency (median of 20), engine start, peak
+GPU memory (device-level, sampled). Before 2026-12-02 the timed rollouts repeated one prompt set,
+and the plain-vLLM and Unsloth arms, which reuse one adapter id, took most of each repeat's
+prefill from the prefix cache; trainserve's live adapter never can (a new cache key per version).
 
     python scripts/bench_rollout.py --all --shape 1.5b      # every arm, each in its own process
     python scripts/bench_rollout.py --arm trainserve          # one arm, prints JSON
@@ -47,11 +51,27 @@ class PeakMemory:
         return round(self.peak / 1e9, 2)
 
 
-def _prompts(n: int, length: int) -> list[list[int]]:
+def _prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     import random
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     return [[rng.randrange(3, 500) for _ in range(length)] for _ in range(n)]
+
+
+def _rollout_prompts(a, first: int = 1) -> list[list[list[int]]]:
+    """One fresh prompt set per timed rollout (seeds ``first``, ``first + 1``, ...), the same in every arm.
+
+    Why fresh: vLLM's prefix cache keeps the prompts' KV between two rollouts that reuse prompts and
+    adapter id, so a repeat with the same prompts skips most of its prefill (112 of 128 tokens
+    per prompt with 16-token blocks). An RL rollout never gets that (new prompts every step, and
+    trainserve's live adapter takes a new cache key at every version), so no arm may either.
+    """
+    return [_prompts(a.prompts, a.prompt_len, seed=first + r) for r in range(a.repeats)]
+
+
+def _cached_tokens(outputs) -> int:
+    """Prompt tokens vLLM took from its prefix cache in these outputs (0 when none or not reported)."""
+    return sum(getattr(o, "num_cached_tokens", None) or 0 for o in outputs)
 
 
 def _write_random_adapter(path: str, shape: str, rank: int, seed: int) -> str:
@@ -83,16 +103,18 @@ def _write_random_adapter(path: str, shape: str, rank: int, seed: int) -> str:
     return path
 
 
-def _timed(fn, repeats: int, before=None) -> tuple[float, list]:
-    """Median seconds of ``repeats`` calls of ``fn()`` (``before()`` untimed ahead of each), last outputs."""
-    seconds, outs = [], None
-    for _ in range(repeats):
+def _timed(fn, prompt_sets: list, before=None) -> tuple[float, list, int]:
+    """Median seconds of ``fn(prompts)`` over the prompt sets (``before()`` untimed ahead of each),
+    the last outputs, and the prompt tokens taken from the prefix cache over all calls."""
+    seconds, outs, cached = [], None, 0
+    for prompts in prompt_sets:
         if before is not None:
             before()
         t = time.perf_counter()
-        outs = fn()
+        outs = fn(prompts)
         seconds.append(time.perf_counter() - t)
-    return statistics.median(seconds), outs
+        cached += _cached_tokens(outs)
+    return statistics.median(seconds), outs, cached
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
@@ -141,8 +163,8 @@ def arm_trainserve(a) -> dict:
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     model.fast_generate(prompts[:8], sampling_params=sp)  # warm-up
     # the live adapter right after an optimizer step
-    dt, outs = _timed(lambda: model.fast_generate(prompts, sampling_params=sp), a.repeats,
-                      before=lambda: _train_step(model, opt))
+    dt, outs, cached = _timed(lambda p: model.fast_generate(p, sampling_params=sp), _rollout_prompts(a),
+                              before=lambda: _train_step(model, opt))
     mem.sample()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     live = state_of(model).live
@@ -159,6 +181,7 @@ def arm_trainserve(a) -> dict:
     standby = state_of(model).engine.standby
     spec = state_of(model).engine.spec
     return {"arm": "trainserve", "format": a.ts_format, "engine_quantization": spec.quantization,
+            "prompt_tokens_from_cache": cached,
             "max_loras": spec.max_loras, "specialize_active_lora": spec.specialize_active_lora,
             "standby": not a.no_standby,
             "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
@@ -186,12 +209,14 @@ def arm_vllm(a) -> dict:
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     req = LoRARequest("a0", 1, adapters[0])
     llm.generate(prompts[:8], sp, lora_request=req, use_tqdm=False)
-    dt, outs = _timed(lambda: llm.generate(prompts, sp, lora_request=req, use_tqdm=False), a.repeats)
+    sets = [[{"prompt_token_ids": p} for p in ps] for ps in _rollout_prompts(a)]
+    dt, outs, cached = _timed(lambda p: llm.generate(p, sp, lora_request=req, use_tqdm=False), sets)
     mem.sample()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     sp_ids = sp.clone()
     sp_ids.detokenize = False  # token ids only: what vLLM gives without its per-step detokeniser
-    dt_ids, _ = _timed(lambda: llm.generate(prompts, sp_ids, lora_request=req, use_tqdm=False), a.repeats)
+    sets_ids = [[{"prompt_token_ids": p} for p in ps] for ps in _rollout_prompts(a, first=1 + a.repeats)]
+    dt_ids, _, cached_ids = _timed(lambda p: llm.generate(p, sp_ids, lora_request=req, use_tqdm=False), sets_ids)
     one = SamplingParams(max_tokens=1, temperature=0.0)
     switch = []
     for i in range(1, 21):  # a new adapter id from disk, as a user reloading a freshly saved adapter would
@@ -199,7 +224,7 @@ def arm_vllm(a) -> dict:
         llm.generate(prompts[:1], one, lora_request=LoRARequest(f"a{i}", i + 1, adapters[i]), use_tqdm=False)
         switch.append((time.perf_counter() - t) * 1e3)
     mem.sample()
-    return {"arm": a.arm, "quantization": a.vllm_quant,
+    return {"arm": a.arm, "quantization": a.vllm_quant, "prompt_tokens_from_cache": cached + cached_ids,
             "out_tok_s": round(tokens / dt, 1), "out_tok_s_detokenize_false": round(tokens / dt_ids, 1),
             "engine_start_s": round(start_s, 1),
             "update_to_first_token_ms_median": round(statistics.median(switch), 2), "peak_gpu_gb": mem.gb}
@@ -226,8 +251,9 @@ def arm_unsloth(a) -> dict:
     prompts = [{"prompt_token_ids": p} for p in _prompts(a.prompts, a.prompt_len)]
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     model.fast_generate(prompts[:8], sampling_params=sp, lora_request=req, use_tqdm=False)
-    dt, outs = _timed(lambda: model.fast_generate(prompts, sampling_params=sp, lora_request=req, use_tqdm=False),
-                      a.repeats)
+    sets = [[{"prompt_token_ids": p} for p in ps] for ps in _rollout_prompts(a)]
+    dt, outs, cached = _timed(lambda p: model.fast_generate(p, sampling_params=sp, lora_request=req, use_tqdm=False),
+                              sets)
     mem.sample()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     one = SamplingParams(max_tokens=1, temperature=0.0)
@@ -241,7 +267,8 @@ def arm_unsloth(a) -> dict:
         model.fast_generate(prompts[:1], sampling_params=one, lora_request=req, use_tqdm=False)
         swap.append((time.perf_counter() - t) * 1e3)
     mem.sample()
-    return {"arm": "unsloth", "out_tok_s": round(tokens / dt, 1), "engine_start_s": round(start_s, 1),
+    return {"arm": "unsloth", "prompt_tokens_from_cache": cached, "out_tok_s": round(tokens / dt, 1),
+            "engine_start_s": round(start_s, 1),
             "update_to_first_token_ms_median": round(statistics.median(swap), 2), "peak_gpu_gb": mem.gb}
 
 

@@ -6,7 +6,10 @@ quantised format speeds up), vLLM's LoRA kernels (punica shrink/expand, launched
 per layer), attention, sampling, or idle GPU time while the CPU prepares the next step. This
 script loads one trainserve format, trains one step so the live adapter is non-zero, and
 profiles one rollout with ``torch.profiler`` (CUPTI records the kernels inside vLLM's CUDA graphs
-too), once with the live adapter and once inside ``disable_adapter()`` (the base model).
+too), once with the live adapter and once inside ``disable_adapter()`` (the base model). Every
+rollout runs on a fresh prompt set; before 2026-12-02 the timed rollouts repeated the warm-up's
+prompts under the same adapter version, so vLLM's prefix cache served most of their prefill (in
+every format alike).
 
     python -P scripts/profile_decode_kernels.py --shape 7b --formats int4 bf16 fp8 --out /tmp/prof.json
 
@@ -120,12 +123,17 @@ def run_format(a, fmt: str) -> dict:
     model.fast_generate(prompts[:8], sampling_params=sp)
     out = {"format": fmt, **load}
     out["vllm_lora_dual_stream"] = os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0")
+    seeds = iter(range(1, 1000))
+
     for mode in a.modes:
         def gen(mode=mode):
+            # fresh prompts for every rollout: a repeated prompt set would take most of its prefill from
+            # vLLM's prefix cache (same adapter version), which no RL rollout gets
+            batch = _prompts(a.batch, a.prompt_len, seed=next(seeds))
             if mode == "base":
                 with model.disable_adapter():
-                    return model.fast_generate(prompts, sampling_params=sp)
-            return model.fast_generate(prompts, sampling_params=sp)
+                    return model.fast_generate(batch, sampling_params=sp)
+            return model.fast_generate(batch, sampling_params=sp)
 
         gen()  # warm (CUDA graphs for this batch size)
         cpu0, t = thread_cpu_seconds(), time.perf_counter()

@@ -75,7 +75,6 @@ def main() -> None:
     state = state_of(model)
     loop, standby, llm = state.engine.loop, state.engine.standby, state.engine.llm
     prompts = _prompts(a.prompts, a.prompt_len)
-    token_prompts = [{"prompt_token_ids": p} for p in prompts]
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     sp_ids = sp.clone()
     sp_ids.detokenize = False
@@ -101,18 +100,30 @@ def main() -> None:
                 gc.enable()
         return run
 
+    # Every rollout gets a fresh prompt set: the variants share one adapter version per round, and a
+    # repeated set would take most of its prefill from vLLM's prefix cache (fast_generate, first after
+    # each optimizer step, never could).
+    seeds = iter(range(1, 100_000))
+
+    def fresh() -> list[list[int]]:
+        return _prompts(a.prompts, a.prompt_len, seed=next(seeds))
+
+    def as_tokens(ps: list[list[int]]) -> list[dict]:
+        return [{"prompt_token_ids": p} for p in ps]
+
     variants = {
-        "loop_deferred": lambda req: loop.generate(prompts, sp, req),
-        "loop_streamed": lambda req: loop.generate(prompts, sp, req, defer_detokenize=False),
-        "loop_deferred_nogc": nogc(lambda req: loop.generate(prompts, sp, req)),
-        "llm_generate": lambda req: llm.generate(token_prompts, sp, lora_request=req, use_tqdm=False),
-        "llm_generate_ids": lambda req: llm.generate(token_prompts, sp_ids, lora_request=req, use_tqdm=False),
+        "loop_deferred": lambda req: loop.generate(fresh(), sp, req),
+        "loop_streamed": lambda req: loop.generate(fresh(), sp, req, defer_detokenize=False),
+        "loop_deferred_nogc": nogc(lambda req: loop.generate(fresh(), sp, req)),
+        "llm_generate": lambda req: llm.generate(as_tokens(fresh()), sp, lora_request=req, use_tqdm=False),
+        "llm_generate_ids": lambda req: llm.generate(as_tokens(fresh()), sp_ids, lora_request=req, use_tqdm=False),
     }
     times: dict[str, list[float]] = {k: [] for k in ["fast_generate", *variants]}
     for _ in range(a.rounds):
         _train_step(model, opt, device)
+        batch = fresh()
         t = time.perf_counter()
-        outs = model.fast_generate(prompts, sampling_params=sp)
+        outs = model.fast_generate(batch, sampling_params=sp)
         times["fast_generate"].append(time.perf_counter() - t)
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         for name, fn in variants.items():

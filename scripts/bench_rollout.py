@@ -69,6 +69,11 @@ def _rollout_prompts(a, first: int = 1) -> list[list[list[int]]]:
     return [_prompts(a.prompts, a.prompt_len, seed=first + r) for r in range(a.repeats)]
 
 
+def _rollout_token_prompts(a, first: int = 1) -> list[list[dict]]:
+    """:func:`_rollout_prompts` as vLLM ``TokensPrompt`` dicts (what ``LLM.generate`` takes)."""
+    return [[{"prompt_token_ids": p} for p in ps] for ps in _rollout_prompts(a, first)]
+
+
 def _cached_tokens(outputs) -> int:
     """Prompt tokens vLLM took from its prefix cache in these outputs (0 when none or not reported)."""
     return sum(getattr(o, "num_cached_tokens", None) or 0 for o in outputs)
@@ -209,14 +214,14 @@ def arm_vllm(a) -> dict:
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     req = LoRARequest("a0", 1, adapters[0])
     llm.generate(prompts[:8], sp, lora_request=req, use_tqdm=False)
-    sets = [[{"prompt_token_ids": p} for p in ps] for ps in _rollout_prompts(a)]
-    dt, outs, cached = _timed(lambda p: llm.generate(p, sp, lora_request=req, use_tqdm=False), sets)
+    dt, outs, cached = _timed(lambda p: llm.generate(p, sp, lora_request=req, use_tqdm=False),
+                              _rollout_token_prompts(a))
     mem.sample()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     sp_ids = sp.clone()
     sp_ids.detokenize = False  # token ids only: what vLLM gives without its per-step detokeniser
-    sets_ids = [[{"prompt_token_ids": p} for p in ps] for ps in _rollout_prompts(a, first=1 + a.repeats)]
-    dt_ids, _, cached_ids = _timed(lambda p: llm.generate(p, sp_ids, lora_request=req, use_tqdm=False), sets_ids)
+    dt_ids, _, cached_ids = _timed(lambda p: llm.generate(p, sp_ids, lora_request=req, use_tqdm=False),
+                                   _rollout_token_prompts(a, first=1 + a.repeats))
     one = SamplingParams(max_tokens=1, temperature=0.0)
     switch = []
     for i in range(1, 21):  # a new adapter id from disk, as a user reloading a freshly saved adapter would
@@ -251,9 +256,8 @@ def arm_unsloth(a) -> dict:
     prompts = [{"prompt_token_ids": p} for p in _prompts(a.prompts, a.prompt_len)]
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, seed=0)
     model.fast_generate(prompts[:8], sampling_params=sp, lora_request=req, use_tqdm=False)
-    sets = [[{"prompt_token_ids": p} for p in ps] for ps in _rollout_prompts(a)]
     dt, outs, cached = _timed(lambda p: model.fast_generate(p, sampling_params=sp, lora_request=req, use_tqdm=False),
-                              sets)
+                              _rollout_token_prompts(a))
     mem.sample()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     one = SamplingParams(max_tokens=1, temperature=0.0)

@@ -19,6 +19,7 @@ Prints a table per run: kernel category → GPU ms per decode step and share of 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -123,7 +124,7 @@ def run_format(a, fmt: str) -> dict:
     model.fast_generate(prompts[:8], sampling_params=sp)
     out = {"format": fmt, **load}
     out["vllm_lora_dual_stream"] = os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0")
-    seeds = iter(range(1, 1000))
+    seeds = itertools.count(1)
 
     for mode in a.modes:
         def gen(mode=mode):

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -103,7 +104,7 @@ def main() -> None:
     # Every rollout gets a fresh prompt set: the variants share one adapter version per round, and a
     # repeated set would take most of its prefill from vLLM's prefix cache (fast_generate, first after
     # each optimizer step, never could).
-    seeds = iter(range(1, 100_000))
+    seeds = itertools.count(1)
 
     def fresh() -> list[list[int]]:
         return _prompts(a.prompts, a.prompt_len, seed=next(seeds))

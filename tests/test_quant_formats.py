@@ -237,8 +237,7 @@ def _resolve(**kw):
     from trainserve.precision import resolve_precision
 
     args = dict(load_in_4bit=None, load_in_8bit=False, load_in_16bit=False, load_in_fp8=False,
-                full_finetuning=False, quant_backend="trainserve", fast_inference=True, cuda=True,
-                dtype_name="bfloat16")
+                full_finetuning=False, quant_backend="trainserve", fast_inference=True, cuda=True)
     args.update(kw)
     return resolve_precision(**args)
 
@@ -249,6 +248,7 @@ def _resolve(**kw):
     ({"load_in_fp8": True}, "fp8_per_channel"), ({"load_in_fp8": "block"}, "fp8_per_block"),
     ({"load_in_16bit": True}, None), ({"load_in_4bit": False}, None), ({"full_finetuning": True}, None),
     ({"load_in_4bit": False, "load_in_8bit": True}, "trainserve_int8"),
+    ({"full_finetuning": True, "load_in_16bit": True}, None),
 ])
 def test_precision_flags_choose_the_engine_format(kw, engine, monkeypatch) -> None:
     import trainserve.precision as precision
@@ -262,8 +262,14 @@ def test_precision_flags_choose_the_engine_format(kw, engine, monkeypatch) -> No
     ({"load_in_8bit": True, "load_in_16bit": True}, "load_in_8bit=True and load_in_16bit=True"),
     ({"load_in_fp8": "yes"}, "load_in_fp8 must be"),
     ({"quant_backend": "gptq"}, "quant_backend must be"),
-    ({"quant_backend": "bitsandbytes", "load_in_8bit": True}, "only applies to load_in_4bit"),
+    ({"quant_backend": "bitsandbytes", "load_in_8bit": True}, "only applies to 4-bit loads"),
+    ({"quant_backend": "bitsandbytes", "load_in_16bit": True}, "cannot be combined with load_in_16bit=True"),
+    ({"quant_backend": "bitsandbytes", "load_in_4bit": False}, "cannot be combined with load_in_4bit=False"),
+    ({"quant_backend": "bitsandbytes", "full_finetuning": True}, "cannot be combined with full_finetuning=True"),
     ({"full_finetuning": True, "load_in_8bit": True}, "full_finetuning=True"),
+    ({"full_finetuning": True, "load_in_4bit": True}, "cannot be combined with load_in_4bit=True"),
+    ({"load_in_fp8": 0}, "load_in_fp8 must be"),  # 0 == False, but not a bool: refused, never read as a format
+    ({"load_in_fp8": 1.0}, "load_in_fp8 must be"),
     ({"load_in_4bit": "yes"}, "load_in_4bit must be"),
 ])
 def test_conflicting_or_bad_precision_flags_are_refused(kw, match) -> None:
@@ -279,8 +285,11 @@ def test_fp8_without_engine_and_cpu_fallback_warning() -> None:
     precision._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _resolve(cuda=False, dtype_name="float32").engine_quantization is None
-        assert _resolve(cuda=False, dtype_name="float32").engine_quantization is None
+        resolved = [_resolve(cuda=False) for _ in range(2)]
+        assert not caught  # deciding warns nothing: a load that fails before it goes ahead must not use it up
+        for p in resolved:
+            assert p.engine_quantization is None and p.cpu_fallback_from == "int4"
+            precision.warn_cpu_fallback(p, "float32")
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "loading float32 weights" in messages[0]
 

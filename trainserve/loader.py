@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,15 +12,24 @@ import torch
 
 from trainserve import model_api
 from trainserve.adapters import SUPPORTED_TARGETS, AdapterRegistry
-from trainserve.arg_checks import check_load_arguments, check_peft_arguments
+from trainserve.arg_checks import (
+    cap_max_seq_length,
+    check_cpu_engine,
+    check_device_map,
+    check_load_arguments,
+    check_model_source,
+    check_peft_arguments,
+    check_peft_model_input,
+)
+from trainserve.checkpoint_check import check_checkpoint_complete
 from trainserve.distributed import check_parallel_config, exclude_frozen_from_ddp, launcher_world
 from trainserve.hf_kwargs import pop_hf_kwargs, resolve_model_path
 from trainserve.lora_variants import check_bias, resolve_loftq
 from trainserve.models import get_fast_model_class
 from trainserve.models.checkpointing import normalize_gc_mode
-from trainserve.precision import check_model_dims, resolve_precision
+from trainserve.precision import check_model_dims, resolve_precision, warn_cpu_fallback
 from trainserve.reload import load_saved_adapter, saved_adapter_base
-from trainserve.rope_config import apply_rope_parameters, check_supported, normalize_rope_scaling
+from trainserve.rope_config import apply_rope_parameters, check_supported, normalize_rope_scaling, position_limit
 from trainserve.trainable_modules import check_lora_targets, lora_config_arguments, refuse_with_engine, split_targets
 from trainserve.vocab import check_vocab_size, pop_resize_model_vocab, resize_for_from_pretrained
 
@@ -42,9 +50,6 @@ _DEFAULT_ONLY = {
 _ACCEPTED_VALUES: dict[str, tuple[Any, ...]] = {
     "use_exact_model_name": (False, True), "float32_mixed_precision": (None, False),
 }
-# device_map values meaning "the one default device" ({"": device} is accelerate's spelling).
-_SINGLE_DEVICE_MAPS = ("sequential", "auto", "balanced", None, "cpu", "cuda", "cuda:0", 0)
-
 
 def _reject_unsupported(kwargs: dict[str, Any]) -> None:
     for name, default in _DEFAULT_ONLY.items():
@@ -134,6 +139,7 @@ class FastLanguageModel:
                              fast_inference=fast_inference, fix_tokenizer=fix_tokenizer,
                              trust_remote_code=trust_remote_code, float8_kv_cache=float8_kv_cache,
                              disable_log_stats=disable_log_stats, standby=standby)
+        model_name = check_model_source(model_name, revision, token)
         dtype, hf = pop_hf_kwargs(kwargs, dtype)
         resize_model_vocab = pop_resize_model_vocab(kwargs, fast_inference)
         _reject_unsupported(kwargs)
@@ -149,10 +155,10 @@ class FastLanguageModel:
         precision = resolve_precision(
             load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, load_in_16bit=load_in_16bit,
             load_in_fp8=load_in_fp8, full_finetuning=full_finetuning, quant_backend=quant_backend,
-            fast_inference=fast_inference, cuda=cuda, dtype_name=str(torch_dtype).removeprefix("torch."))
-        if float8_kv_cache and not cuda:
-            raise NotImplementedError("float8_kv_cache=True needs CUDA")
-        _check_device_map(device_map, cuda)
+            fast_inference=fast_inference, cuda=cuda)
+        check_cpu_engine(fast_inference=fast_inference, cuda=cuda, gpu_memory_utilization=gpu_memory_utilization,
+                         float8_kv_cache=float8_kv_cache)
+        check_device_map(device_map, cuda)
         gc_mode = normalize_gc_mode(use_gradient_checkpointing)
 
         config = AutoConfig.from_pretrained(model_name, token=token, revision=revision,
@@ -172,11 +178,10 @@ class FastLanguageModel:
         check_parallel_config(tensor_parallel_size, config, launcher_world())  # torchrun: one engine per rank
         if fast_inference:
             _check_engine_config(config)
-        if max_seq_length > config.max_position_embeddings and rope_scaling is None:
-            warnings.warn(f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
-                          f"{config.max_position_embeddings}; using {config.max_position_embeddings}", stacklevel=2)
-            max_seq_length = config.max_position_embeddings
+            check_checkpoint_complete(model_name, config)
+        max_seq_length = cap_max_seq_length(max_seq_length, *position_limit(config))
         check_model_dims(precision, config)
+        warn_cpu_fallback(precision, str(torch_dtype).removeprefix("torch."))
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, revision=revision,
                                                   trust_remote_code=trust_remote_code)
         if fix_tokenizer:
@@ -244,9 +249,16 @@ class FastLanguageModel:
 
         if kwargs:
             raise TypeError(f"get_peft_model got unexpected arguments {sorted(kwargs)}")
+        check_peft_model_input(model)
         state = model_api.state_of(model)
         check_peft_arguments(r=r, lora_alpha=lora_alpha, random_state=random_state, use_rslora=use_rslora,
-                             max_seq_length=max_seq_length, target_modules=target_modules)
+                             max_seq_length=max_seq_length, target_modules=target_modules,
+                             modules_to_save=modules_to_save, layers_to_transform=layers_to_transform,
+                             loftq_config=loftq_config, num_layers=getattr(model.config, "num_hidden_layers", None))
+        if max_seq_length is not None:  # the engine's length, or the positions the model supports
+            limit = (state.engine.spec.max_model_len, "the engine's max_model_len") if state is not None else \
+                position_limit(model.config)
+            max_seq_length = cap_max_seq_length(max_seq_length, *limit)
         gc_mode = normalize_gc_mode(use_gradient_checkpointing)  # before peft changes the model
         if state is not None and r > state.max_lora_rank:
             raise ValueError(f"r={r} exceeds max_lora_rank={state.max_lora_rank} given to "
@@ -315,24 +327,6 @@ def _check_engine_config(config: Any) -> None:
             f"the model's config mixes attention types per layer ({kinds}: sliding-window attention on some "
             "layers only, e.g. use_sliding_window with max_window_layers < num_hidden_layers); vLLM does not "
             "serve that. Use fast_inference=False or a config with one attention type")
-
-
-def _check_device_map(device_map: Any, cuda: bool) -> None:
-    """``device_map`` may only name the one device trainserve uses: CUDA when present, else the CPU."""
-    value = device_map
-    if isinstance(device_map, dict):
-        if set(device_map) != {""}:
-            raise NotImplementedError(f"device_map={device_map!r} is not supported (single device only)")
-        value = device_map[""]
-    if isinstance(value, torch.device):
-        value = "cuda:0" if value.type == "cuda" and value.index in (None, 0) else str(value)
-    if isinstance(value, bool) or value not in _SINGLE_DEVICE_MAPS:
-        raise NotImplementedError(f"device_map={device_map!r} is not supported (single device only)")
-    if value in ("cuda", "cuda:0", 0) and not cuda:
-        raise ValueError(f"device_map={device_map!r} asks for CUDA, which this machine does not have")
-    if value == "cpu" and cuda:
-        raise NotImplementedError(f"device_map={device_map!r}: with CUDA available trainserve places the model "
-                                  "on the GPU; CPU placement on a CUDA machine is not supported")
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ class Precision:
     label: str  # "16-bit", "int4", "int8", "fp8", "fp8 (block)", "nf4 (bitsandbytes)"
     engine_quantization: str | None = None  # vLLM ``quantization`` for fast_inference=True
     hf_bnb_bits: int | None = None  # bitsandbytes 4/8-bit for fast_inference=False
+    cpu_fallback_from: str | None = None  # the quantised format asked for, loaded 16-bit for lack of CUDA
 
 
 _ENGINE = {
@@ -57,7 +58,7 @@ def _asked(load_in_4bit: Any, load_in_8bit: bool, load_in_16bit: bool, load_in_f
            full_finetuning: bool, quant_backend: str) -> str:
     if quant_backend not in QUANT_BACKENDS:
         raise ValueError(f"quant_backend must be one of {QUANT_BACKENDS}, got {quant_backend!r}")
-    if load_in_fp8 not in (False, True, "block"):
+    if not (load_in_fp8 is False or load_in_fp8 is True or load_in_fp8 == "block"):  # 0 and 1 are not bools
         raise ValueError(f"load_in_fp8 must be False, True or 'block', got {load_in_fp8!r}")
     for name, value in (("load_in_4bit", load_in_4bit), ("load_in_8bit", load_in_8bit),
                         ("load_in_16bit", load_in_16bit), ("full_finetuning", full_finetuning)):
@@ -69,12 +70,15 @@ def _asked(load_in_4bit: Any, load_in_8bit: bool, load_in_16bit: bool, load_in_f
                                       (f"load_in_fp8={load_in_fp8!r}", load_in_fp8 is not False)) if on]
     if len(explicit) > 1:
         raise ValueError(f"{' and '.join(explicit)} ask for different weight formats; pick one")
-    if full_finetuning and (load_in_8bit or load_in_fp8 is not False):
-        raise ValueError("full_finetuning=True trains 16-bit weights; it cannot be combined with "
-                         f"{explicit[0]}")
-    if quant_backend == "bitsandbytes" and (load_in_8bit or load_in_fp8 is not False):
-        raise ValueError("quant_backend='bitsandbytes' only applies to load_in_4bit")
-    if load_in_16bit or full_finetuning or load_in_4bit is False and not (load_in_8bit or load_in_fp8):
+    quantised = [name for name in explicit if name != "load_in_16bit=True"]
+    if full_finetuning and quantised:
+        raise ValueError(f"full_finetuning=True trains 16-bit weights; it cannot be combined with {quantised[0]}")
+    sixteen = load_in_16bit or full_finetuning or load_in_4bit is False and not (load_in_8bit or load_in_fp8)
+    if quant_backend == "bitsandbytes" and (load_in_8bit or load_in_fp8 is not False or sixteen):
+        chosen = explicit[0] if explicit else ("full_finetuning=True" if full_finetuning else "load_in_4bit=False")
+        raise ValueError(f"quant_backend='bitsandbytes' only applies to 4-bit loads (load_in_4bit=True or the "
+                         f"default); it cannot be combined with {chosen}")
+    if sixteen:
         return "16-bit"
     if load_in_8bit:
         return "int8"
@@ -84,12 +88,12 @@ def _asked(load_in_4bit: Any, load_in_8bit: bool, load_in_16bit: bool, load_in_f
 
 
 def resolve_precision(*, load_in_4bit: Any, load_in_8bit: bool, load_in_16bit: bool, load_in_fp8: Any,
-                      full_finetuning: bool, quant_backend: str, fast_inference: bool, cuda: bool,
-                      dtype_name: str) -> Precision:
+                      full_finetuning: bool, quant_backend: str, fast_inference: bool, cuda: bool) -> Precision:
     """Decide the format (``load_in_4bit=None`` means the default: 4-bit unless another is asked).
 
-    Without CUDA, quantised formats warn once and load ``dtype_name`` weights instead (trainserve's
-    integer formats run on their torch reference when ``TRAINSERVE_EMULATE_QUANT=1``).
+    Without CUDA, quantised formats load the compute dtype's weights instead, recorded in
+    ``cpu_fallback_from`` for :func:`warn_cpu_fallback` (trainserve's integer formats run on their
+    torch reference when ``TRAINSERVE_EMULATE_QUANT=1``).
     """
     label = _asked(load_in_4bit, load_in_8bit, load_in_16bit, load_in_fp8, full_finetuning, quant_backend)
     if label == "16-bit":
@@ -100,17 +104,24 @@ def resolve_precision(*, load_in_4bit: Any, load_in_8bit: bool, load_in_16bit: b
     if not cuda:
         if label in _INT_FORMATS and fast_inference and os.environ.get(EMULATE_ENV, "0") == "1":
             return Precision(label, engine_quantization=_ENGINE[label])
-        if label not in _WARNED:
-            warnings.warn(f"{label} weights need CUDA; this machine has none, loading {dtype_name} weights "
-                          f"instead", stacklevel=3)
-            _WARNED.add(label)
-        return Precision("16-bit")
+        return Precision("16-bit", cpu_fallback_from=label)
     _check_gpu(label)
     if not fast_inference:
         if label in ("int4", "nf4 (bitsandbytes)"):
             return Precision(label, hf_bnb_bits=4)
         return Precision(label, hf_bnb_bits=8)
     return Precision(label, engine_quantization=_ENGINE[label])
+
+
+def warn_cpu_fallback(precision: Precision, dtype_name: str) -> None:
+    """Warn, once per format and process, that a quantised format loads ``dtype_name`` weights on a
+    machine without CUDA. Called once the load has passed its checks (config read, arguments valid),
+    so a load that fails early does not use up the one warning the next load should give."""
+    label = precision.cpu_fallback_from
+    if label is not None and label not in _WARNED:
+        warnings.warn(f"{label} weights need CUDA; this machine has none, loading {dtype_name} weights instead",
+                      stacklevel=3)
+        _WARNED.add(label)
 
 
 def _check_gpu(label: str) -> None:

@@ -137,6 +137,19 @@ def normalize_rope_scaling(config: Any, rope_scaling: Any) -> dict[str, Any]:
     return params
 
 
+def position_limit(config: Any) -> tuple[int, str]:
+    """The longest sequence ``config`` supports, as vLLM derives it, and what it is: the model's
+    ``max_position_embeddings``, times ``factor`` under linear RoPE scaling (yarn and llama3 configs
+    already state the extended length)."""
+    params = config_rope_parameters(config) or {}
+    factor = params.get("factor") if params.get("rope_type", params.get("type")) == "linear" else None
+    if factor:
+        return int(config.max_position_embeddings * factor), (
+            f"the model's max_position_embeddings={config.max_position_embeddings} x the linear rope_scaling "
+            f"factor {factor:g}")
+    return int(config.max_position_embeddings), "the model's max_position_embeddings"
+
+
 def apply_rope_parameters(config: Any, params: dict[str, Any]) -> None:
     """Set normalised RoPE parameters on a transformers config (both major versions)."""
     if "rope_parameters" in type(config).__dict__ or hasattr(config, "rope_parameters"):

@@ -115,10 +115,25 @@ def test_unsupported_rope_in_the_checkpoint_config_is_refused_before_the_engine_
 
 # ---------------------------------------------------------------- item 4: engine-side arguments
 @pytest.mark.engine
-def test_hub_arguments_reach_the_engine(no_engine, llama_path):
+def _hub_cache_with_tag(cache, repo: str, tag: str, files: str) -> None:
+    """A Hugging Face cache (the layout ``snapshot_download`` reads offline) holding ``files`` as ``repo`` at
+    ``tag``: what a download of that revision leaves behind."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / tag).write_text(commit)
+    shutil.copytree(files, root / "snapshots" / commit)
+
+
+def test_hub_arguments_reach_the_engine(no_engine, llama_path, tmp_path):
+    # a Hub id at a tag, resolved offline from the cache (a local directory with revision is refused)
+    _hub_cache_with_tag(tmp_path / "hub", "trainserve/tiny-llama", "v1.0", llama_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        FastLanguageModel.from_pretrained(llama_path, revision="v1.0", token="hf_secret_value",
+        FastLanguageModel.from_pretrained("trainserve/tiny-llama", revision="v1.0", token="hf_secret_value",
+                                          cache_dir=str(tmp_path / "hub"), local_files_only=True,
                                           trust_remote_code=True, disable_log_stats=False, **ENGINE)
     engine = current_engine()
     model_config = engine.llm.llm_engine.model_config
@@ -127,8 +142,10 @@ def test_hub_arguments_reach_the_engine(no_engine, llama_path):
     assert model_config.hf_token == "hf_secret_value"
     assert engine.llm.llm_engine.log_stats is True  # disable_log_stats=False
     assert "hf_secret_value" not in repr(engine.spec)
+    _hub_cache_with_tag(tmp_path / "hub2", "trainserve/tiny-llama", "v2.0", llama_path)
     with pytest.raises(RuntimeError, match="revision") as info:  # a different revision needs a new engine
-        FastLanguageModel.from_pretrained(llama_path, revision="v2.0", token="hf_other_secret", **ENGINE)
+        FastLanguageModel.from_pretrained("trainserve/tiny-llama", revision="v2.0", token="hf_other_secret",
+                                          cache_dir=str(tmp_path / "hub2"), local_files_only=True, **ENGINE)
     assert "secret" not in str(info.value)
 
 

@@ -63,6 +63,10 @@ def test_the_complete_checkpoint_passes_the_weight_check():
     config = AutoConfig.from_pretrained(tiny_model())
     check_checkpoint_complete(tiny_model(), config)
     assert "model.layers.0.self_attn.q_proj.bias" in expected_tensor_names(config)  # Qwen2's q/k/v biases
+    # an attention implementation this machine lacks neither breaks the check nor is changed by it
+    fa2 = AutoConfig.from_pretrained(tiny_model(), attn_implementation="flash_attention_2")
+    check_checkpoint_complete(tiny_model(), fa2)
+    assert fa2._attn_implementation == "flash_attention_2"
 
 
 def test_linear_rope_scaling_caps_max_seq_length_at_the_scaled_positions(tmp_path):

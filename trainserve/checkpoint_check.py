@@ -34,12 +34,16 @@ def checkpoint_tensor_names(model_dir: str) -> set[str] | None:
 
 def expected_tensor_names(config: Any) -> set[str]:
     """The persistent tensors of ``config``'s causal-LM model (built on the meta device: no memory).
-    A tied ``lm_head`` is left out: checkpoints store the embedding only."""
+    A tied ``lm_head`` is left out: checkpoints store the embedding only. Built from a copy with eager
+    attention: the names do not depend on it, an ``attn_implementation`` whose package is missing here
+    would refuse to build, and transformers writes the choice into the config it is given."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
     names = set(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
         names.discard("lm_head.weight")

@@ -25,7 +25,7 @@ def full():
     from trainserve import shutdown_engine
 
     shutdown_engine()
-    model, tok = load_tiny_fast(full_finetuning=True, use_gradient_checkpointing=True)
+    model, tok = load_tiny_fast(full_finetuning=True, load_in_4bit=False, use_gradient_checkpointing=True)
     yield model, tok
     shutdown_engine()
 
@@ -172,7 +172,7 @@ def test_the_changed_engine_is_not_reused_by_a_later_load(full):
     model, tok = full
     _step(model, tok)
     with pytest.raises(RuntimeError, match="changed by full fine-tuning"):
-        load_tiny_fast(full_finetuning=True)
+        load_tiny_fast(full_finetuning=True, load_in_4bit=False)
 
 
 class _FailingOptimizer(torch.optim.Optimizer):

@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     """
     import os
 
+    from trainserve.server.api_key import sendable_key
+
     from trainserve.logs import configure_logging
 
     verbose = configure_logging(True if args.verbose else None)  # quiet unless --verbose / TRAINSERVE_LOG_LEVEL
@@ -142,6 +144,12 @@ def run(args: argparse.Namespace) -> int:
         source = "--api-key" if args.api_key is not None else "TRAINSERVE_API_KEY"
         print(f"trainserve serve: {source} is empty; give a key, or leave it out to serve without one",
               file=sys.stderr)
+        return 2
+    if api_key is not None and not sendable_key(api_key):
+        # HTTP drops a header's surrounding whitespace, so no client could ever send this key
+        source = "--api-key" if args.api_key is not None else "TRAINSERVE_API_KEY"
+        print(f"trainserve serve: {source} holds whitespace or control characters, which no client can send in an "
+              "Authorization header; give the key without them", file=sys.stderr)
         return 2
     if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
         print(f"trainserve serve: --adapters-dir {args.adapters_dir!r} is not a directory", file=sys.stderr)

@@ -16,7 +16,9 @@ token from ``choices[i].logprobs``. As in vLLM (and OpenAI's legacy completions)
 Prompt logprobs are bounded per request (:func:`check_prompt_logprobs`): vLLM detokenises every
 entry (each prompt token and its alternatives, for each of the ``n`` copies of a prompt) on the
 engine thread as the prompt's prefill finishes, so 256 prompts × 240 tokens × 21 entries stalled
-every other client for 40 s on a 2-core CPU.
+every other client for 40 s on a 2-core CPU. The logprobs of generated tokens get the same budget
+(:func:`check_output_logprobs`, any request): n=64 × 200 tokens × 21 entries stalled other
+clients for 5 s.
 """
 
 from __future__ import annotations
@@ -62,6 +64,24 @@ def check_prompt_logprobs(req: CompletionRequest, prompts: list[list[int]], k: i
             f"alternatives) are {entries} entries, more than the {limit} one request may ask for (the engine "
             "computes them in one step, holding up every other request): send fewer or shorter prompts "
             "per request, a smaller n, or a smaller prompt_logprobs / logprobs",
+            param=param,
+        )
+
+
+def check_output_logprobs(completions: int, max_tokens: int, k: int | None, max_model_len: int, param: str) -> None:
+    """A 400 before anything is queued when the logprobs of the generated tokens could exceed the same
+    per-request budget as prompt logprobs: ``completions`` x ``max_tokens`` tokens, each with ``k``
+    alternatives. Without it one request (n=64, 200 tokens, 20 alternatives: 269k entries, an 18 MB
+    response) held every other client up for seconds while its entries were built."""
+    if k is None:
+        return
+    entries = completions * max_tokens * (k + 1)
+    limit = max(MAX_PROMPT_LOGPROB_ENTRIES, max_model_len * (MAX_LOGPROBS + 1))
+    if entries > limit:
+        raise bad_request(
+            f"logprobs for up to {completions} completion(s) x {max_tokens} tokens x {k + 1} (each token and {k} "
+            f"alternatives) are up to {entries} entries, more than the {limit} one request may ask for: ask for "
+            "fewer completions (n), a smaller max_tokens, or fewer alternatives",
             param=param,
         )
 

@@ -75,6 +75,17 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
+def engine_failure(constraint: str | None) -> APIError:
+    """The error for a request the engine finished with ``finish_reason="error"`` (not an OpenAI value).
+    vLLM does that when a structured-output constraint that passed its checks then fails to compile
+    (an empty grammar, a schema that rejects every token): the client's constraint, a 400 naming it;
+    with no constraint, the engine's own failure, a 500."""
+    if constraint is not None:
+        return bad_request(f"{constraint}: the engine could not use this structured-output constraint (it did not "
+                           "compile, or allows no token); check it", param=constraint)
+    return APIError(500, "the engine failed this request", code="engine_error")
+
+
 def client_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that vLLM raises for a bad request (``VLLMValidationError`` is not a ValueError
     in every release)."""

@@ -64,6 +64,14 @@ class ChatMessage(StrictModel):
     tool_calls: list[ToolCall] | None = None  # assistant messages only
     tool_call_id: str | None = Field(None, max_length=MAX_TOOL_CALL_ID)  # tool messages only
 
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        """Only an assistant message may leave ``content`` null (OpenAI: one that carries tool calls, or
+        an empty turn); a null user, system, developer or tool message is a client error, not an empty string."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts), got null")
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""

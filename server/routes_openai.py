@@ -14,12 +14,13 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from trainserve.server.echo import (
     EchoPlan,
+    check_output_logprobs,
     check_prompt_logprobs,
     engine_prompt_logprobs,
     format_prompt_logprobs,
     prompt_texts,
 )
-from trainserve.server.errors import APIError, error_body
+from trainserve.server.errors import APIError, engine_failure, error_body
 from trainserve.server.generation import (
     ClientDisconnected,
     RequestGroup,
@@ -63,6 +64,7 @@ class _Run:
     ):
         self.state, self.body, self.chat, self.group = state, body, chat, group
         self.tools = tools
+        self.constraint: str | None = None  # the field that constrains the output (named in its errors)
         self.echo = echo
         self.with_prompt_logprobs = with_prompt_logprobs
         self.prompt_lps: dict[int, Any] = {}  # prompt index → the engine's prompt logprobs
@@ -122,7 +124,9 @@ class _Run:
             if self.logprobs is not None:
                 if self.chat:
                     lp = chat_logprobs(tt, out.token_ids, out.logprobs, self.logprobs, self.as_ids)
-                    choice.logprobs = (choice.logprobs or []) + lp
+                    if choice.logprobs is None:
+                        choice.logprobs = []
+                    choice.logprobs.extend(lp)  # in place: a new list per delta was quadratic in the length
                 else:
                     if choice.cursor is None:
                         choice.cursor = TextCursor(tt, self.body.skip_special_tokens)
@@ -133,6 +137,8 @@ class _Run:
                         choice.logprobs[k].extend(v)
             if out.finish_reason == "abort":
                 raise APIError(503, "the request was aborted by the engine", code="aborted")
+            if out.finish_reason == "error":  # not an OpenAI finish_reason: the engine failed this request
+                raise engine_failure(self.constraint)
             if out.finish_reason is not None:
                 choice.finish_reason = out.finish_reason
             if out.token_ids and not self.first_token:
@@ -244,6 +250,7 @@ async def _generate(
             exc.param = constraint
         raise
     run = _Run(state, body, chat, group, prompts, logprobs, echo, prompt_logprobs is not None, tools)
+    run.constraint = constraint
     headers = {VERSION_HEADER: group.label}
     if not body.stream:
         try:
@@ -257,7 +264,9 @@ async def _generate(
             raise
         finally:
             run.count_tokens()
-        return JSONResponse(run.final(), headers=headers)
+        # built and serialised off the event loop: a large response (many choices, logprobs) would
+        # otherwise hold up every other client's request for as long as that takes
+        return await asyncio.to_thread(lambda: JSONResponse(run.final(), headers=headers))
     return EventSourceResponse(_stream(run), headers=headers, sep="\n", ping=15)
 
 
@@ -314,6 +323,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     )
     prompt_logprobs = engine_prompt_logprobs(body)
     check_prompt_logprobs(body, prompts, prompt_logprobs, state.max_model_len)
+    check_output_logprobs(len(prompts) * body.n, max_tokens, body.logprobs, state.max_model_len, "logprobs")
     echo = None
     if body.echo:
         texts = await asyncio.to_thread(prompt_texts, body, prompts, state.tokenizer, state.max_prompt_chars)
@@ -342,4 +352,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    check_output_logprobs(body.n, max_tokens, logprobs, state.max_model_len,
+                          "top_logprobs" if body.top_logprobs else "logprobs")
     return await _generate(request, body, True, [prompt], max_tokens, logprobs, tools=tools)

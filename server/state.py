@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainserve.server.adapters_watch import AdapterWatcher
+from trainserve.server.api_key import sendable_key
 from trainserve.server.generation import TokenText
 from trainserve.server.grammar_check import GrammarChecker
 from trainserve.server.metrics import Metrics
@@ -37,6 +38,10 @@ class ServerConfig:
         # ``--api-key "$KEY"`` with KEY unset must not start a server without authentication.
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty: pass a non-empty key, or none to serve without one")
+        if self.api_key is not None and not sendable_key(self.api_key):
+            # HTTP drops a header's surrounding whitespace: no client could ever present this key
+            raise ValueError("the API key holds whitespace or control characters, which no client can send in an "
+                             "Authorization header; pass the key without them")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
 

@@ -49,6 +49,41 @@ def test_prompt_logprobs_are_bounded_per_request(http, server):
     assert full.status_code == 200 and len(full.json()["choices"][0]["prompt_logprobs"]) == 255
 
 
+def test_generated_logprobs_are_bounded_per_request(http, server):
+    """n=64 x 200 tokens x 21 entries (an 18 MB response) held every other client up for 5 s."""
+    chat = {"model": server.model, "messages": [{"role": "user", "content": "Hi"}], "n": 64, "temperature": 1.0,
+            "logprobs": True, "top_logprobs": 20, "max_tokens": 200}
+    assert "268800 entries" in _error(http.post("/v1/chat/completions", json=chat), "top_logprobs")["message"]
+    completion = _body(server, n=64, temperature=1.0, logprobs=20, max_tokens=200)
+    assert "more than the" in _error(http.post("/v1/completions", json=completion), "logprobs")["message"]
+    # within the budget: every token of a full-length completion with the most alternatives
+    ok = http.post("/v1/chat/completions", json={**chat, "n": 1, "max_tokens": 16, "ignore_eos": True})
+    assert ok.status_code == 200, ok.text[:500]
+    content = ok.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 16 and all(len(c["top_logprobs"]) == 20 for c in content)
+
+
+@pytest.mark.parametrize("constraint, status", [("structured_outputs", 400), ("response_format", 400), (None, 500)])
+def test_finish_reason_error_from_the_engine_becomes_an_error_response(constraint, status):
+    """vLLM finishes a request with finish_reason "error" (not an OpenAI value; the openai client passes it
+    through silently) when a structured-output constraint that passed its checks fails in the engine (seen
+    with an empty grammar and a self-referencing schema): a 400 naming the constraint, else a 500."""
+    from types import SimpleNamespace
+
+    from trainserve.server.errors import APIError
+    from trainserve.server.routes_openai import _Run
+
+    body = SimpleNamespace(n=1, return_tokens_as_token_ids=False, return_token_ids=False, model="m")
+    run = _Run(SimpleNamespace(token_text=None), body, False, SimpleNamespace(label="base"), [[1, 2]], None)
+    run.constraint = constraint
+    out = SimpleNamespace(index=0, text="", token_ids=[], logprobs=None, finish_reason="error")
+    with pytest.raises(APIError) as err:
+        run.absorb(0, SimpleNamespace(outputs=[out], prompt_logprobs=None))
+    assert err.value.status == status and err.value.param == constraint
+    ok = SimpleNamespace(index=0, text="", token_ids=[], logprobs=None, finish_reason="stop")
+    assert run.absorb(0, SimpleNamespace(outputs=[ok], prompt_logprobs=None))[0][3] == "stop"
+
+
 def test_slow_constraint_is_refused_and_others_keep_structured_output(http, server):
     """vLLM compiles constraints one at a time and cannot stop one: a slow one held every other
     client's structured output until it finished. It is now refused after the check's time limit."""

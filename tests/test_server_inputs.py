@@ -200,6 +200,19 @@ def test_parameters_that_cannot_be_honoured_are_400(http, server, extra, param):
         assert err["param"] == param, err
 
 
+@pytest.mark.parametrize("role", ["user", "system", "tool"])
+def test_a_null_content_is_400_except_for_an_assistant(http, server, role):
+    messages = [{"role": role, "content": None, **({"tool_call_id": "c1"} if role == "tool" else {})}]
+    if role != "user":
+        messages.append({"role": "user", "content": "hi"})
+    err = _error(http.post("/v1/chat/completions", json={"model": server.model, "messages": messages, "max_tokens": 2}))
+    assert "needs content" in err["message"], err
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+            {"role": "user", "content": "go"}]
+    ok = http.post("/v1/chat/completions", json={"model": server.model, "messages": turn, "max_tokens": 2})
+    assert ok.status_code == 200, ok.text[:300]
+
+
 def test_unload_by_id_is_refused(http):
     err = _error(http.post("/v1/unload_lora_adapter", json={"lora_name": "a1", "lora_int_id": 1}))
     assert err["param"] == "lora_int_id"

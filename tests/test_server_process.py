@@ -168,6 +168,22 @@ def test_empty_api_key_is_refused(tmp_path, how):
     assert result.returncode == 2 and "empty" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("key", [" sekrit", "sekrit\n", "two words", "tab\tkey"])
+def test_an_api_key_no_client_can_send_is_refused(key):
+    """HTTP drops a header's surrounding whitespace: such a key would lock every client out (401) while the
+    server looked healthy."""
+    import os
+
+    env = {**{k: v for k, v in os.environ.items() if k != "TRAINSERVE_API_KEY"}, "TRAINSERVE_API_KEY": key}
+    result = subprocess.run([sys.executable, "-m", "trainserve.cli", "serve", "some-model"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "whitespace or control characters" in result.stderr, result.stderr
+    from trainserve.server.state import ServerConfig
+
+    with pytest.raises(ValueError, match="whitespace or control characters"):
+        ServerConfig("m", api_key=key)
+
+
 def test_empty_api_key_is_refused_by_model_serve():
     from trainserve.server.embed import serve_model
     from trainserve.server.state import ServerConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -152,6 +153,9 @@ def install_handlers(app: FastAPI) -> None:
             at = f" at character {where[0]}" if where and isinstance(where[0], int) else ""
             return error_response(400, f"{_NOT_JSON} ({(first.get('ctx') or {}).get('error', 'invalid JSON')}{at})",
                                   code="invalid_json")
+        if kind == "missing" and tuple(first.get("loc", ())) == ("body",):  # no body at all
+            return error_response(400, "The request body is empty: send a JSON object as Content-Type: "
+                                  "application/json", code="invalid_json")
         if kind == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
             # a JSON array or string, or a body FastAPI did not parse (curl -d: form-encoded)
             sent = (request.headers.get("content-type") or "none")[:100]
@@ -168,5 +172,6 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer to a body json.loads cannot take (not UTF-8, nested too deeply)
-            return error_response(400, f"{_NOT_JSON} (not UTF-8, or nested too deeply)", code="invalid_json")
+            return error_response(400, f"{_NOT_JSON} (not UTF-8, nested too deeply, or a number of more than "
+                                  f"{sys.get_int_max_str_digits() or 'the allowed'} digits)", code="invalid_json")
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))

@@ -220,6 +220,14 @@ def test_unload_by_id_is_refused(http):
 
 
 # ---------------------------------------------------------------- item 10: JSON errors, never plain text
+def test_an_empty_body_and_an_unreadable_number_say_what_is_wrong(http, server):
+    empty = _error(http.post("/v1/completions", content=b"", headers={"content-type": "application/json"}))
+    assert "body is empty" in empty["message"] and empty["code"] == "invalid_json", empty
+    huge = json.dumps({"model": server.model, "prompt": "x", "max_tokens": 1}).replace('1}', "9" * 5000 + "}")
+    err = _error(http.post("/v1/completions", content=huge.encode(), headers={"content-type": "application/json"}))
+    assert "digits" in err["message"] and err["code"] == "invalid_json", err
+
+
 def test_invalid_unicode_and_nul_bytes_are_json_400(http, server):
     raw = {"content-type": "application/json"}
     cases = [  # json.dumps writes a lone surrogate as the escape "\\ud800", which JSON parsers accept

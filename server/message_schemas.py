@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from trainserve.server.errors import bad_request
 from trainserve.server.messages import check_raw_messages
 
@@ -59,18 +59,21 @@ class ToolCall(StrictModel):
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant messages only
     tool_call_id: str | None = Field(None, max_length=MAX_TOOL_CALL_ID)  # tool messages only
 
-    @model_validator(mode="after")
-    def _content_given(self) -> ChatMessage:
-        """Only an assistant message may leave ``content`` null (OpenAI: one that carries tool calls, or
-        an empty turn); a null user, system, developer or tool message is a client error, not an empty string."""
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts), got null")
-        return self
+    @field_validator("content")
+    @classmethod
+    def _content_given(cls, content: Any, info: ValidationInfo) -> Any:
+        """A user, system or developer message needs ``content``: a null or missing one is a client error
+        (OpenAI's too), not an empty turn. An assistant's may be null (tool calls); a tool message's is
+        checked with the tool history (``messages.conversation``)."""
+        role = info.data.get("role")
+        if content is None and role in ("system", "developer", "user"):
+            raise ValueError(f"a {role} message needs content (a string or a list of text parts), got null")
+        return content
 
     def text(self) -> str:
         if self.content is None:

@@ -200,13 +200,12 @@ def test_parameters_that_cannot_be_honoured_are_400(http, server, extra, param):
         assert err["param"] == param, err
 
 
-@pytest.mark.parametrize("role", ["user", "system", "tool"])
-def test_a_null_content_is_400_except_for_an_assistant(http, server, role):
-    messages = [{"role": role, "content": None, **({"tool_call_id": "c1"} if role == "tool" else {})}]
-    if role != "user":
-        messages.append({"role": "user", "content": "hi"})
+@pytest.mark.parametrize("role, content", [("user", None), ("system", None), ("developer", None), ("user", "-")])
+def test_a_null_content_is_400_except_for_an_assistant(http, server, role, content):
+    message = {"role": role} if content == "-" else {"role": role, "content": content}  # null, or left out
+    messages = [message] if role == "user" else [message, {"role": "user", "content": "hi"}]
     err = _error(http.post("/v1/chat/completions", json={"model": server.model, "messages": messages, "max_tokens": 2}))
-    assert "needs content" in err["message"], err
+    assert "needs content" in err["message"] and err["param"] == "messages.0.content", err
     turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
             {"role": "user", "content": "go"}]
     ok = http.post("/v1/chat/completions", json={"model": server.model, "messages": turn, "max_tokens": 2})

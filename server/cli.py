@@ -139,17 +139,15 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("trainserve").setLevel(level)
     api_key = args.api_key if args.api_key is not None else os.environ.get("TRAINSERVE_API_KEY")
-    if api_key is not None and not api_key.strip():
-        # `--api-key "$KEY"` with KEY unset: refuse rather than serve without authentication
+    if api_key is not None and (not api_key.strip() or not sendable_key(api_key)):
+        # empty (`--api-key "$KEY"` with KEY unset): refuse rather than serve without authentication;
+        # whitespace or control characters: no client could ever send it (HTTP drops a header's
+        # surrounding whitespace), so every request would get 401
         source = "--api-key" if args.api_key is not None else "TRAINSERVE_API_KEY"
-        print(f"trainserve serve: {source} is empty; give a key, or leave it out to serve without one",
-              file=sys.stderr)
-        return 2
-    if api_key is not None and not sendable_key(api_key):
-        # HTTP drops a header's surrounding whitespace, so no client could ever send this key
-        source = "--api-key" if args.api_key is not None else "TRAINSERVE_API_KEY"
-        print(f"trainserve serve: {source} holds whitespace or control characters, which no client can send in an "
-              "Authorization header; give the key without them", file=sys.stderr)
+        problem = ("is empty; give a key, or leave it out to serve without one" if not api_key.strip() else
+                   "holds whitespace or control characters, which no client can send in an Authorization "
+                   "header; give the key without them")
+        print(f"trainserve serve: {source} {problem}", file=sys.stderr)
         return 2
     if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
         print(f"trainserve serve: --adapters-dir {args.adapters_dir!r} is not a directory", file=sys.stderr)

@@ -48,6 +48,12 @@ def engine_prompt_logprobs(req: CompletionRequest) -> int | None:
 MAX_PROMPT_LOGPROB_ENTRIES = 1 << 16
 
 
+def logprob_entry_limit(max_model_len: int) -> int:
+    """Logprob entries (a token or one of its alternatives) one request may ask for: the budget, or one
+    full-context sequence at the maximum of alternatives, whichever is larger."""
+    return max(MAX_PROMPT_LOGPROB_ENTRIES, max_model_len * (MAX_LOGPROBS + 1))
+
+
 def check_prompt_logprobs(req: CompletionRequest, prompts: list[list[int]], k: int | None, max_model_len: int) -> None:
     """A 400 before anything is queued when the prompt logprobs the engine would compute (``k`` from
     :func:`engine_prompt_logprobs`: each prompt token and ``k`` alternatives, for each of the ``n``
@@ -56,7 +62,7 @@ def check_prompt_logprobs(req: CompletionRequest, prompts: list[list[int]], k: i
         return
     tokens = sum(len(p) for p in prompts)
     entries = tokens * req.n * (k + 1)
-    limit = max(MAX_PROMPT_LOGPROB_ENTRIES, max_model_len * (MAX_LOGPROBS + 1))
+    limit = logprob_entry_limit(max_model_len)
     if entries > limit:
         param = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
         raise bad_request(
@@ -76,7 +82,7 @@ def check_output_logprobs(completions: int, max_tokens: int, k: int | None, max_
     if k is None:
         return
     entries = completions * max_tokens * (k + 1)
-    limit = max(MAX_PROMPT_LOGPROB_ENTRIES, max_model_len * (MAX_LOGPROBS + 1))
+    limit = logprob_entry_limit(max_model_len)
     if entries > limit:
         raise bad_request(
             f"logprobs for up to {completions} completion(s) x {max_tokens} tokens x {k + 1} (each token and {k} "

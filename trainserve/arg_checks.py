@@ -140,10 +140,10 @@ def check_cpu_engine(*, fast_inference: bool, cuda: bool, gpu_memory_utilization
                       "(set that variable before the first load to change it)", UserWarning, stacklevel=3)
 
 
-def cap_max_seq_length(max_seq_length: int, limit: int, what: str, stacklevel: int = 3) -> int:
+def cap_max_seq_length(max_seq_length: int, limit: int, what: str) -> int:
     """``max_seq_length``, or ``limit`` with a warning naming both when it is larger."""
     if max_seq_length > limit:
-        warnings.warn(f"max_seq_length={max_seq_length} exceeds {what} ({limit}); using {limit}", stacklevel=stacklevel)
+        warnings.warn(f"max_seq_length={max_seq_length} exceeds {what} ({limit}); using {limit}", stacklevel=3)
         return limit
     return max_seq_length
 
@@ -194,11 +194,12 @@ def check_peft_arguments(*, r: Any, lora_alpha: Any, random_state: Any, use_rslo
     if layers_to_transform is not None:
         layers = [layers_to_transform] if _is_int(layers_to_transform) else layers_to_transform
         if (not isinstance(layers, Sequence) or isinstance(layers, str) or not layers
-                or not all(_is_int(i) and 0 <= i < (num_layers or i + 1) for i in layers)):
+                or not all(_is_int(i) and i >= 0 and (num_layers is None or i < num_layers) for i in layers)):
             raise ValueError(f"layers_to_transform must be None (every layer), a layer index or a non-empty list of "
                              f"layer indices in [0, {num_layers}), got {layers_to_transform!r}")
-    if loftq_config is not None and not isinstance(loftq_config, dict) and \
-            type(loftq_config).__name__ != "LoftQConfig":
+    from peft import LoftQConfig
+
+    if loftq_config is not None and not isinstance(loftq_config, dict | LoftQConfig):
         raise ValueError(f"loftq_config must be None, a dict or peft's LoftQConfig, got {loftq_config!r}")
 
 
